@@ -1,0 +1,239 @@
+"""DP-SGD, DP-Adam and Noisy-SGD as Keras 3 optimizers.
+
+Each optimizer *privatizes* the gradient and then runs Keras's own update step
+(``SGD.update_step`` / ``Adam.update_step``), as optax chains
+``differentially_private_aggregate`` with ``sgd``.
+
+* DP-SGD (TAN Eq. 2)::
+
+      g = (1/B) (Σ_i clip_C(∇ℓ_i) + N(0, σ²C² I))
+
+* Noisy-SGD (Implicit-bias paper, Eq. 11): DP-SGD without clipping::
+
+      g = (1/B) Σ_i ∇ℓ_i + N(0, σ²/B² I)
+
+``B`` is the *expected* (logical) batch size: with Poisson sampling the drawn
+batch varies in size but we always divide by ``B = qN`` so the sensitivity of
+the normalised sum stays C/B. When ``expected_batch_size`` is left ``None`` the
+batch's own size is used, which is right for fixed-size batches only.
+
+The clipped sum is computed by ``tan_keras.PrivateModel``'s train step; the
+optimizer receives it through ``apply_private``. A DP optimizer compiled into a
+plain ``keras.Model`` raises, because it would only ever see the mean gradient
+and could not bound any example's influence.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+def _check_positive(name, value, allow_inf=False):
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+        raise ValueError(
+            f"`{name}` must be {'> 0' if allow_inf else 'a finite number > 0'}, got {value!r}."
+        )
+
+
+class _PrivateOptimizerMixin:
+    """Privatization shared by the DP optimizers; mixed in before a Keras optimizer."""
+
+    #: Whether the train step must compute (and clip) per-example gradients.
+    requires_per_example = True
+
+    def _init_privacy(self, noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed):
+        if noise_multiplier is None or isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
+            raise ValueError(f"`noise_multiplier` must be a number ≥ 0, got {noise_multiplier!r}.")
+        if math.isnan(noise_multiplier) or noise_multiplier < 0 or math.isinf(noise_multiplier):
+            raise ValueError(
+                f"`noise_multiplier` (σ) must be a finite number ≥ 0, got {noise_multiplier!r}. "
+                "σ = 0 gives no privacy; use a value such as 1.0 (TAN recommends σ in [2, 4])."
+            )
+        if self.requires_per_example:
+            _check_positive("l2_norm_clip", l2_norm_clip, allow_inf=True)
+        if num_microbatches is not None:
+            if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
+                raise ValueError(f"`num_microbatches` must be a positive int or None, got {num_microbatches!r}.")
+        if expected_batch_size is not None:
+            _check_positive("expected_batch_size", expected_batch_size)
+        if self.gradient_accumulation_steps:
+            raise ValueError(
+                f"{type(self).__name__} does not support Keras's `gradient_accumulation_steps`: it would "
+                "average k separately-noised updates, so each logical step would carry σ/√k of the "
+                "noise the accountant assumes. Use `PrivateModel(physical_batch_size=...)` (or "
+                "`tan_keras.make_private(model, physical_batch_size=...)`), which sums clipped "
+                "gradients over memory-sized chunks and adds the noise once per logical batch."
+            )
+        self.noise_multiplier = float(noise_multiplier)
+        self.l2_norm_clip = float(l2_norm_clip) if l2_norm_clip is not None else None
+        self.num_microbatches = num_microbatches
+        self.expected_batch_size = expected_batch_size
+        self.seed = seed
+        self._in_private_apply = False
+        self._noise_seed_generator = keras.random.SeedGenerator(seed, name=f"{self.name}_dp_noise_seed")
+        self._track_variable(self._noise_seed_generator.state)
+
+    @property
+    def noise_stddev(self):
+        """Std of the Gaussian added to the *sum* of gradients: σC (DP-SGD) or σ (Noisy-SGD)."""
+        return self.noise_multiplier * (self.l2_norm_clip if self.requires_per_example else 1.0)
+
+    def privatize(self, grad_sum, normalizer):
+        """Returns ``((Σ + N(0, std² I)) / normalizer, noise_norm, signal_norm)``.
+
+        ``noise_norm`` and ``signal_norm`` are the L2 norms of the noise and of
+        the summed gradient, both divided by ``normalizer`` (the Implicit-bias
+        paper's Fig. 2 compares these two).
+        """
+        normalizer = ops.cast(normalizer, grad_sum[0].dtype)
+        std = self.noise_stddev
+        noised, noise_sq, signal_sq = [], 0.0, 0.0
+        for g in grad_sum:
+            signal_sq = signal_sq + ops.sum(ops.square(g))
+            if std > 0:
+                z = keras.random.normal(ops.shape(g), stddev=std, dtype=g.dtype, seed=self._noise_seed_generator)
+                noise_sq = noise_sq + ops.sum(ops.square(z))
+                g = g + z
+            noised.append(g / normalizer)
+        return noised, ops.sqrt(noise_sq) / normalizer, ops.sqrt(signal_sq) / normalizer
+
+    def apply_private(self, grad_sum, normalizer, trainable_variables=None):
+        """Noise the (clipped) gradient sum, normalise, then run the Keras update."""
+        noised, noise_norm, signal_norm = self.privatize(grad_sum, normalizer)
+        self._in_private_apply = True
+        try:
+            self.apply(noised, trainable_variables)
+        finally:
+            self._in_private_apply = False
+        return noise_norm, signal_norm
+
+    def apply(self, grads, trainable_variables=None):
+        if self._in_private_apply:
+            return super().apply(grads, trainable_variables)
+        if self.requires_per_example:
+            raise ValueError(
+                f"{type(self).__name__} received an already-averaged gradient, so it cannot clip "
+                "each example's contribution and the run would not be differentially private. "
+                "This happens when a DP optimizer is compiled into a plain keras.Model. Wrap the "
+                "model first: `model = tan_keras.make_private(model)` (or build it as "
+                "tan_keras.PrivateModel / tan_keras.PrivateSequential)."
+            )
+        # Noisy-SGD on a plain Keras model: grads are the mean gradient.
+        if self.expected_batch_size is None:
+            raise ValueError(
+                "NoisySGD on a plain keras.Model needs `expected_batch_size=B` to add noise of std "
+                "σ/B to the mean gradient (Implicit-bias paper, Eq. 11). Pass it, or wrap the model "
+                "with tan_keras.make_private(model), which uses the batch's size."
+            )
+        noised, _, _ = self.privatize(
+            [g * self.expected_batch_size for g in grads], self.expected_batch_size
+        )
+        return super().apply(noised, trainable_variables)
+
+    def _privacy_config(self):
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "num_microbatches": self.num_microbatches,
+            "expected_batch_size": self.expected_batch_size,
+            "seed": self.seed,
+        }
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class DPSGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
+    """Differentially private SGD (Abadi et al. 2016; TAN Eq. 2).
+
+    ``g = (1/B) (Σ_{i∈batch} clip_C(∇ℓ_i) + N(0, σ²C² I))``, then the usual SGD
+    update with ``momentum`` / ``nesterov``.
+
+    Args:
+      l2_norm_clip: C, the per-example (or per-microbatch) L2 clipping norm.
+      noise_multiplier: σ; the noise on the summed gradient has std σC.
+      num_microbatches: TF Privacy's meaning. ``None`` clips every example.
+        An int m splits the batch into m groups of B/m consecutive examples
+        and clips each group's *mean* gradient; the result is divided by m.
+        ⚠ With groups of more than one example the add/remove sensitivity is
+        2C, not C: account with σ/2
+        (``tan_keras.accounting.effective_noise_multiplier``).
+      expected_batch_size: B in ``1/B``. Set it to ``q·N`` under Poisson
+        sampling (``tan_keras.sampling`` does this); ``None`` uses the batch's
+        own size, correct only for fixed-size batches.
+      seed: int seed of the noise. ``None`` draws a fresh seed. ⚠ Anyone who
+        knows the seed (or a checkpoint's optimizer state, which stores the
+        RNG state) can subtract the noise: keep both secret and release
+        weights only.
+      learning_rate, momentum, nesterov, **kwargs: as ``keras.optimizers.SGD``.
+
+    .. warning:: Needs per-example gradients: compile it into a
+       ``tan_keras.PrivateModel`` / ``make_private(model)``.
+    """
+
+    def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, expected_batch_size=None,
+                 seed=None, learning_rate=0.01, momentum=0.0, nesterov=False, name="DPSGD", **kwargs):
+        super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
+        self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._privacy_config(), l2_norm_clip=self.l2_norm_clip)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class DPAdam(_PrivateOptimizerMixin, keras.optimizers.Adam):
+    """Differentially private Adam: the DP-SGD gradient (TAN Eq. 2) fed to Adam.
+
+    Same privacy arguments as :class:`DPSGD`; ``beta_1``, ``beta_2``,
+    ``epsilon`` and ``amsgrad`` are Adam's. Adam's moments are a
+    post-processing of the privatized gradient, so privacy is unchanged.
+    """
+
+    def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, expected_batch_size=None,
+                 seed=None, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
+                 name="DPAdam", **kwargs):
+        super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         amsgrad=amsgrad, name=name, **kwargs)
+        self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._privacy_config(), l2_norm_clip=self.l2_norm_clip)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class NoisySGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
+    """Noisy-SGD: DP-SGD without clipping (Implicit-bias paper, Eq. 11).
+
+    ``g = (1/B) Σ_i ∇ℓ_i + N(0, σ²/B² I)``: Gaussian noise of std σ/B on the
+    mean gradient ("effective noise" σ/B, TAN §3.1). Without clipping the
+    sensitivity is unbounded, so this is **not** differentially private; it is
+    the object of study of the Implicit-bias paper (it keeps, and can
+    strengthen, SGD's small-batch implicit bias).
+
+    Needs no per-example gradients: it works with a plain ``keras.Model`` when
+    ``expected_batch_size`` is given, and with ``tan_keras.PrivateModel``
+    (which uses the batch's size when ``expected_batch_size`` is ``None``).
+    """
+
+    requires_per_example = False
+
+    def __init__(self, noise_multiplier, expected_batch_size=None, seed=None, learning_rate=0.01,
+                 momentum=0.0, nesterov=False, name="NoisySGD", **kwargs):
+        kwargs.pop("num_microbatches", None)
+        super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
+        self._init_privacy(noise_multiplier, None, None, expected_batch_size, seed)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._privacy_config())
+        config.pop("num_microbatches")
+        return config
+
+
+def is_private_optimizer(optimizer):
+    """True for tan_keras's noise-adding optimizers."""
+    return isinstance(optimizer, _PrivateOptimizerMixin)

@@ -1,0 +1,37 @@
+"""Per-example gradients and the private train step, one module per backend.
+
+This package is the only place in tan_keras that imports TensorFlow or JAX
+(the way Keras keeps ``keras/src/backend/<name>/``). Each backend module
+provides:
+
+* ``private_train_step(model, ...)``: the DP train step (signature of that
+  backend's ``Model.train_step``);
+* ``per_example_gradients(model, x, y, sample_weight=None)``: the list of
+  per-example gradients (leading axis = example), aligned with
+  ``model.trainable_variables``, for the compiled loss. Used by tests and
+  tools.
+"""
+
+import keras
+
+
+def _backend_module():
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        from tan_keras.per_example import tensorflow as module
+    elif name == "jax":
+        from tan_keras.per_example import jax as module
+    else:
+        raise NotImplementedError(
+            f"tan_keras supports the 'tensorflow' and 'jax' Keras backends; KERAS_BACKEND is '{name}'."
+        )
+    return module
+
+
+def private_train_step(model, *args):
+    return _backend_module().private_train_step(model, *args)
+
+
+def per_example_gradients(model, x, y=None, sample_weight=None):
+    """Per-example gradients of the compiled loss, as numpy-convertible tensors."""
+    return _backend_module().per_example_gradients(model, x, y, sample_weight)

@@ -1,0 +1,61 @@
+"""Backend-neutral layout of one private step: units, chunks, normaliser."""
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How a batch of ``batch_size`` examples is processed in one private step.
+
+    Attributes:
+      batch_size: examples in the batch fed to ``train_step`` (static).
+      per_example: whether per-unit gradients are clipped (DP-SGD) or not (Noisy-SGD).
+      num_units: clipping units: examples, or microbatches.
+      unit_size: examples per unit (1 without microbatches).
+      chunk_size: examples per physical chunk (a multiple of ``unit_size``).
+      num_chunks: chunks per step; the batch is zero-weight padded to
+        ``num_chunks * chunk_size`` examples.
+      normalizer: B in ``(Σ clip + noise) / B``: the optimizer's
+        ``expected_batch_size`` (per unit) if set, else ``num_units``.
+    """
+
+    batch_size: int
+    per_example: bool
+    num_units: int
+    unit_size: int
+    chunk_size: int
+    num_chunks: int
+    normalizer: float
+
+    @property
+    def padded_size(self):
+        return self.num_chunks * self.chunk_size
+
+
+def make_plan(batch_size, optimizer, physical_batch_size):
+    n = int(batch_size)
+    m = getattr(optimizer, "num_microbatches", None)
+    per_example = bool(optimizer.requires_per_example)
+    if m is None or not per_example:
+        m, k = n, 1
+    else:
+        if n % m:
+            raise ValueError(
+                f"num_microbatches={m} does not divide the batch size {n}. Use a batch size that is a "
+                f"multiple of {m} (and `drop_remainder=True` in tf.data, or a dataset size that "
+                "batches evenly), or set num_microbatches=None to clip every example."
+            )
+        k = n // m
+    p = physical_batch_size or n
+    p = min(p, n)
+    if k > 1:
+        if p % k or n % p:
+            raise ValueError(
+                f"physical_batch_size={physical_batch_size} must divide the batch size {n} and be a "
+                f"multiple of the microbatch size {k} (= batch size / num_microbatches)."
+            )
+    num_chunks = math.ceil(n / p)
+    expected = getattr(optimizer, "expected_batch_size", None)
+    normalizer = float(expected) / k if expected is not None else float(m)
+    return StepPlan(n, per_example, m, k, p, num_chunks, normalizer)

@@ -1,0 +1,144 @@
+"""TensorFlow backend: ``tf.vectorized_map`` over a per-example ``GradientTape``.
+
+The step runs inside the ``tf.function`` Keras's TF trainer builds around
+``train_step`` and so honours ``compile(jit_compile=...)`` (XLA). Chunks of
+``physical_batch_size`` examples are processed in a ``tf.while_loop``. Keras
+traces with ``reduce_retracing=True``, so the batch size may be dynamic here:
+the layout is computed with tensors, and ``plan.make_plan`` is used only when
+the batch size is static.
+"""
+
+
+import keras
+import tensorflow as tf
+
+from tan_keras import clipping
+from tan_keras.per_example.plan import make_plan
+
+
+def _leading_dim(x):
+    first = tf.nest.flatten(x)[0]
+    static = first.shape[0]
+    return static if static is not None else tf.shape(first)[0]
+
+
+def _example_grads_fn(model, variables):
+    def one(args):
+        x, y, sample_weight = tf.nest.map_structure(lambda a: a[None], args)
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
+            loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return grads, loss, tf.nest.map_structure(lambda a: a[0], y_pred)
+
+    return one
+
+
+def _chunk_grads(model, variables, per_example, unit_size, xc, yc, swc):
+    """Returns (summed chunk gradients, loss sum, y_pred, [clipped, norm_sum, count])."""
+    optimizer = model.optimizer
+    if per_example:
+        grads, losses, y_pred = tf.vectorized_map(_example_grads_fn(model, variables), (xc, yc, swc))
+        chunk = tf.shape(swc)[0]
+        if unit_size == 1:
+            mask = tf.cast(swc != 0, grads[0].dtype)
+        else:
+            grads = clipping.group_microbatches(grads, chunk // unit_size)
+            mask = tf.ones((chunk // unit_size,), grads[0].dtype)
+        norms = clipping.global_norms(grads)
+        factors = clipping.clip_factors(norms, optimizer.l2_norm_clip)
+        stats = tf.stack([tf.reduce_sum(mask * tf.cast(norms > optimizer.l2_norm_clip, mask.dtype)),
+                          tf.reduce_sum(mask * norms), tf.reduce_sum(mask)])
+        return clipping.weighted_sum(grads, factors), tf.reduce_sum(losses), y_pred, stats
+    with tf.GradientTape() as tape:
+        y_pred = model(xc, training=True) if model._call_has_training_arg else model(xc)
+        mean_loss = model._compute_loss(x=xc, y=yc, y_pred=y_pred, sample_weight=swc, training=True)
+    size = tf.cast(tf.shape(swc)[0], mean_loss.dtype)
+    grads = tape.gradient(mean_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [g * size for g in grads], mean_loss * size, y_pred, tf.zeros((3,), mean_loss.dtype)
+
+
+def _layout(model, batch_size):
+    """(units per batch, unit size, chunk size, chunks, normaliser) — static or tensors."""
+    optimizer = model.optimizer
+    if isinstance(batch_size, int):
+        plan = make_plan(batch_size, optimizer, model.physical_batch_size)
+        return plan.per_example, plan.unit_size, plan.chunk_size, plan.num_chunks, plan.normalizer
+    per_example = optimizer.requires_per_example
+    n = batch_size
+    m = optimizer.num_microbatches if per_example else None
+    if m is not None:
+        tf.debugging.assert_equal(n % m, 0, message=f"num_microbatches={m} must divide the batch size.")
+        unit_size = n // m
+    else:
+        unit_size = 1
+    p = tf.minimum(model.physical_batch_size or n, n)
+    if m is not None:
+        tf.debugging.assert_equal(n % p, 0, message="physical_batch_size must divide the batch size.")
+        tf.debugging.assert_equal(p % unit_size, 0,
+                                  message="physical_batch_size must be a multiple of the microbatch size.")
+    num_chunks = (n + p - 1) // p
+    expected = optimizer.expected_batch_size
+    if expected is not None:
+        normalizer = tf.cast(expected, tf.float32) / tf.cast(unit_size, tf.float32)
+    else:
+        normalizer = tf.cast(m if m is not None else n, tf.float32)
+    return per_example, unit_size, p, num_chunks, normalizer
+
+
+def private_train_step(model, data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    variables = model.trainable_variables
+    dtype = variables[0].dtype
+    n = _leading_dim(x)
+    weights = sample_weight if sample_weight is not None else tf.ones((n,), dtype)
+    per_example, unit_size, p, num_chunks, normalizer = _layout(model, n)
+
+    if isinstance(p, int) and isinstance(num_chunks, int) and num_chunks == 1:
+        grad_sum, loss_sum, y_pred, stats = _chunk_grads(model, variables, per_example, unit_size, x, y, weights)
+    else:
+        padded = num_chunks * p
+
+        def pad(a):
+            extra = padded - tf.shape(a)[0]
+            return tf.concat([a, tf.zeros(tf.concat([[extra], tf.shape(a)[1:]], 0), a.dtype)], 0)
+
+        xs, ys, sws = tf.nest.map_structure(pad, (x, y, weights))
+        y_spec = tf.nest.map_structure(
+            lambda _: None, model.compute_output_spec(tf.nest.map_structure(lambda a: a[:1], x)))
+        arrays = tf.nest.map_structure(
+            lambda _: tf.TensorArray(dtype=model.compute_dtype, size=num_chunks, infer_shape=False), y_spec)
+
+        def body(i, grad_sum, loss_sum, stats, arrays):
+            sl = lambda a: a[i * p:(i + 1) * p]  # noqa: E731
+            g, loss, y_pred, st = _chunk_grads(model, variables, per_example, unit_size,
+                                               tf.nest.map_structure(sl, xs), tf.nest.map_structure(sl, ys),
+                                               sl(sws))
+            arrays = tf.nest.map_structure(lambda ta, v: ta.write(i, tf.cast(v, ta.dtype)), arrays, y_pred)
+            return i + 1, [a + b for a, b in zip(grad_sum, g)], loss_sum + loss, stats + st, arrays
+
+        init = (tf.constant(0), [tf.zeros_like(v) for v in variables], tf.zeros((), dtype),
+                tf.zeros((3,), dtype), arrays)
+        _, grad_sum, loss_sum, stats, arrays = tf.while_loop(
+            lambda i, *_: i < num_chunks, body, init)
+        y_pred = tf.nest.map_structure(lambda ta: ta.concat()[:n], arrays)
+
+    noise_norm, signal_norm = model.optimizer.apply_private(grad_sum, normalizer, variables)
+    counted = tf.maximum(stats[2], 1.0)
+    dp_values = (stats[0] / counted, stats[1] / counted, signal_norm, noise_norm)
+    model._loss_tracker.update_state(loss_sum / tf.cast(n, loss_sum.dtype), sample_weight=n)
+    for tracker, value in zip(model._dp_metrics(), dp_values):
+        tracker.update_state(value)
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def per_example_gradients(model, x, y=None, sample_weight=None):
+    """Per-example gradients of the compiled loss (leading axis = example)."""
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    y = tf.nest.map_structure(tf.convert_to_tensor, y) if y is not None else None
+    n = _leading_dim(x)
+    weights = tf.ones((n,)) if sample_weight is None else tf.convert_to_tensor(sample_weight)
+    grads, _, _ = tf.vectorized_map(_example_grads_fn(model, model.trainable_variables), (x, y, weights))
+    return grads
+
+

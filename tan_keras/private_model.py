@@ -1,0 +1,147 @@
+"""Models whose ``fit`` computes clipped per-example gradients.
+
+``PrivateModel`` / ``PrivateSequential`` / ``make_private(model)`` override
+only ``train_step``. With one of tan_keras's private optimizers the step
+computes per-example gradients in vectorized form (``tan_keras.per_example``:
+``tf.vectorized_map`` on TensorFlow, ``jax.vmap(jax.grad)`` on JAX), clips and
+sums them, and hands the sum to ``optimizer.apply_private``, which adds the
+noise once and runs the Keras update. With any other optimizer the step is
+Keras's own, so the same model trains exactly as Keras would.
+
+``physical_batch_size`` bounds memory: the batch is processed in chunks of
+that many examples inside the compiled step (``lax.scan`` / ``tf.while_loop``),
+the clipped sums are accumulated, and noise is added once.
+"""
+
+import keras
+
+from tan_keras import optimizers as dp_optimizers
+from tan_keras import per_example
+
+#: Layers that mix information across the examples of a batch. Their per-example
+#: "gradients" depend on the other examples, so clipping bounds nothing.
+_EXAMPLE_MIXING_LAYERS = (keras.layers.BatchNormalization,)
+
+
+def check_private_layers(model):
+    """Raises ValueError if ``model`` holds a layer that mixes examples."""
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, _EXAMPLE_MIXING_LAYERS) or getattr(layer, "mixes_examples", False):
+            raise ValueError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) mixes information across the "
+                "examples of a batch, so per-example gradient clipping cannot bound any one "
+                "example's influence and DP-SGD would not be private. Replace it with "
+                "keras.layers.GroupNormalization (or LayerNormalization), or remove it."
+            )
+
+
+class PrivateTrainerMixin:
+    """Overrides ``compile`` (checks) and ``train_step`` (per-example clipping)."""
+
+    _dp_metric_names = ("clip_fraction", "per_example_norm", "signal_norm", "noise_norm")
+
+    def _init_private(self, physical_batch_size=None):
+        if physical_batch_size is not None and (
+            isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, int) or physical_batch_size < 1
+        ):
+            raise ValueError(f"`physical_batch_size` must be a positive int or None, got {physical_batch_size!r}.")
+        self.physical_batch_size = physical_batch_size
+
+    def compile(self, optimizer="rmsprop", *args, **kwargs):
+        super().compile(optimizer, *args, **kwargs)
+        if dp_optimizers.is_private_optimizer(self.optimizer):
+            if self.optimizer.requires_per_example:
+                check_private_layers(self)
+            if not hasattr(self, "_dp_trackers"):
+                # Means over the epoch, shown in the progress bar and History.
+                # Set with object.__setattr__: Keras's state tracking is locked once the
+                # model is built; ``metrics`` below lists these trackers explicitly.
+                object.__setattr__(self, "_dp_trackers", [keras.metrics.Mean(name=n) for n in self._dp_metric_names])
+
+    @property
+    def is_private(self):
+        return dp_optimizers.is_private_optimizer(getattr(self, "optimizer", None))
+
+    def train_step(self, *args):
+        if not self.is_private:
+            return super().train_step(*args)
+        return per_example.private_train_step(self, *args)
+
+    def _dp_metrics(self):
+        return list(getattr(self, "_dp_trackers", []))
+
+    @property
+    def metrics(self):
+        return super().metrics + self._dp_metrics()
+
+    def get_config(self):
+        config = super().get_config()
+        config["physical_batch_size"] = self.physical_batch_size
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class PrivateModel(PrivateTrainerMixin, keras.Model):
+    """A ``keras.Model`` (functional or subclassed) that trains with DP-SGD.
+
+    Functional: ``PrivateModel(inputs, outputs, physical_batch_size=256)``.
+    Subclassed: ``class MyNet(tan_keras.PrivateModel): ...``.
+    """
+
+    def __init__(self, *args, physical_batch_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_private(physical_batch_size)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        physical_batch_size = config.pop("physical_batch_size", None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._init_private(physical_batch_size)
+        return model
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class PrivateSequential(PrivateTrainerMixin, keras.Sequential):
+    """A ``keras.Sequential`` that trains with DP-SGD under a private optimizer."""
+
+    def __init__(self, layers=None, *args, physical_batch_size=None, **kwargs):
+        super().__init__(layers, *args, **kwargs)
+        self._init_private(physical_batch_size)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        physical_batch_size = config.pop("physical_batch_size", None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._init_private(physical_batch_size)
+        return model
+
+
+def make_private(model, physical_batch_size=None):
+    """Returns a private-trainable version of ``model``, sharing its layers and weights.
+
+    * ``keras.Sequential`` → ``PrivateSequential`` over the same layers.
+    * functional ``keras.Model`` → ``PrivateModel(model.inputs, model.outputs)``.
+    * subclassed model → the same object, its class swapped in place for a
+      subclass that adds the private ``train_step`` (to save and reload such a
+      model, subclass ``tan_keras.PrivateModel`` directly instead).
+
+    Raises ValueError for layers that mix examples (BatchNormalization).
+    """
+    if isinstance(model, PrivateTrainerMixin):
+        if physical_batch_size is not None:
+            model.physical_batch_size = physical_batch_size
+        return model
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"make_private expects a keras.Model, got {type(model).__name__}.")
+    check_private_layers(model)
+    if isinstance(model, keras.Sequential):
+        private = PrivateSequential(model.layers, name=model.name, physical_batch_size=physical_batch_size)
+    elif getattr(model, "_is_graph_network", False) or hasattr(model, "_nodes_by_depth"):
+        private = PrivateModel(model.inputs, model.outputs, name=model.name,
+                               physical_batch_size=physical_batch_size)
+    else:
+        cls = type(model)
+        model.__class__ = type(f"Private{cls.__name__}", (PrivateTrainerMixin, cls), {})
+        model._init_private(physical_batch_size)
+        return model
+    return private
