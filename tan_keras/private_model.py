@@ -58,6 +58,13 @@ class PrivateTrainerMixin:
                 # model is built; ``metrics`` below lists these trackers explicitly.
                 object.__setattr__(self, "_dp_trackers", [keras.metrics.Mean(name=n) for n in self._dp_metric_names])
 
+    def compile_from_config(self, config):
+        # Keras skips compile-on-load for models that override compile(); ours
+        # only adds checks, so re-run it (as keras.Model does) when loading.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     @property
     def is_private(self):
         return dp_optimizers.is_private_optimizer(getattr(self, "optimizer", None))
@@ -135,7 +142,11 @@ def make_private(model, physical_batch_size=None):
         raise TypeError(f"make_private expects a keras.Model, got {type(model).__name__}.")
     check_private_layers(model)
     if isinstance(model, keras.Sequential):
-        private = PrivateSequential(model.layers, name=model.name, physical_batch_size=physical_batch_size)
+        layers = list(model.layers)
+        if model.built and getattr(model, "inputs", None):
+            spec = model.inputs[0]
+            layers = [keras.Input(batch_shape=spec.shape, dtype=spec.dtype)] + layers
+        private = PrivateSequential(layers, name=model.name, physical_batch_size=physical_batch_size)
     elif getattr(model, "_is_graph_network", False) or hasattr(model, "_nodes_by_depth"):
         private = PrivateModel(model.inputs, model.outputs, name=model.name,
                                physical_batch_size=physical_batch_size)

@@ -88,6 +88,8 @@ def _layout(model, batch_size):
 
 def private_train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    if not model.built:  # subclassed models create their variables on first call
+        model(x, training=False)
     variables = model.trainable_variables
     dtype = variables[0].dtype
     n = _leading_dim(x)
@@ -104,10 +106,10 @@ def private_train_step(model, data):
             return tf.concat([a, tf.zeros(tf.concat([[extra], tf.shape(a)[1:]], 0), a.dtype)], 0)
 
         xs, ys, sws = tf.nest.map_structure(pad, (x, y, weights))
-        y_spec = tf.nest.map_structure(
-            lambda _: None, model.compute_output_spec(tf.nest.map_structure(lambda a: a[:1], x)))
+        y_spec = model.compute_output_spec(tf.nest.map_structure(lambda a: a[:1], x))
         arrays = tf.nest.map_structure(
-            lambda _: tf.TensorArray(dtype=model.compute_dtype, size=num_chunks, infer_shape=False), y_spec)
+            lambda spec: tf.TensorArray(dtype=spec.dtype, size=num_chunks, infer_shape=False,
+                                        element_shape=tf.TensorShape([None] + list(spec.shape[1:]))), y_spec)
 
         def body(i, grad_sum, loss_sum, stats, arrays):
             sl = lambda a: a[i * p:(i + 1) * p]  # noqa: E731

@@ -1,0 +1,179 @@
+"""JAX backend of ghost clipping: one forward pass, two backward passes, no per-example grads.
+
+``clipped_grad_sum`` runs the batched model once under ``jax.vjp`` with
+respect to (trainable variables, probes). A probe is a zero input added to the
+pre-activation output ``z`` of each watched layer (``tan_keras.ghost_norms``),
+so the cotangent it receives is ``∂ℓ/∂z``. Then:
+
+1. ``vjp(1)``: the probes' cotangents are ``∂(Σ_i ℓ_i)/∂z``, whose example-i
+   slice is ``g_i = ∂ℓ_i/∂z_i`` (examples do not interact); with the recorded
+   layer inputs ``a_i`` they give the per-example norms ``‖∇ℓ_i‖`` (ghost norms)
+   and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``;
+2. ``vjp(c)``: the variables' cotangents are ``∇ Σ_i c_i ℓ_i = Σ_i clip_C(∇ℓ_i)``.
+
+Under ``jit``, XLA drops the half of each backward pass that is not used (the
+weight gradients of pass 1, the probe gradients of pass 2). Models with a
+layer that has no ghost-norm rule use the vectorized path
+(``tan_keras.per_example.jax``), with a logged warning.
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+
+from tan_keras import clipping, ghost_norms
+from tan_keras.per_example import jax as vectorized
+
+
+def _call_kwargs(model):
+    return {"training": True} if model._call_has_training_arg else {}
+
+
+def _forward(model, watch, trainable, non_trainable, x, tap):
+    with ghost_norms.capture(watch, tap) as calls:
+        y_pred, non_trainable, losses = model.stateless_call(
+            trainable, non_trainable, x, return_losses=True, **_call_kwargs(model))
+    return y_pred, non_trainable, losses, calls
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def _trace(model, watch, trainable, non_trainable, x):
+    """Shapes of the watched outputs, and a reason to fall back found while tracing (or None)."""
+    found = {}
+
+    def fn(trainable, non_trainable, x):
+        _, _, losses, calls = _forward(model, watch, trainable, non_trainable, x, lambda k, z: z)
+        found["reason"] = ghost_norms.check_calls(watch, calls) or (
+            "the model adds losses in its forward pass (add_loss)" if losses else None)
+        return [call.output for call in calls]
+
+    shapes = jax.eval_shape(fn, *_abstract((trainable, non_trainable, x)))
+    return shapes, found["reason"]
+
+
+def per_example_losses(model, trainable, non_trainable, metrics_variables, x, y, y_pred, sample_weight):
+    """``ℓ_i``: the compiled loss of each example alone (a batch of one), as the vectorized path computes it."""
+
+    def one(xi, yi, pi, wi):
+        xi, yi, pi, wi = jax.tree_util.tree_map(lambda a: a[None], (xi, yi, pi, wi))
+        loss, _ = model.stateless_compute_loss(
+            trainable, non_trainable, metrics_variables, x=xi, y=yi, y_pred=pi, sample_weight=wi, training=True)
+        return loss
+
+    return jax.vmap(one)(x, y, y_pred, sample_weight)
+
+
+def _vectorized_clipped_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
+                            x, y, sample_weight, l2_norm_clip):
+    loss_fn = vectorized._loss_fn(model, metrics_variables, optimizer_variables)
+    grads, losses, y_pred, new_nt = vectorized._per_example_fn(loss_fn, trainable, non_trainable)(
+        x, y, sample_weight)
+    new_nt = jax.tree_util.tree_map(lambda a: a[0], new_nt)
+    norms = clipping.global_norms(grads)
+    grad_sum = clipping.weighted_sum(grads, clipping.clip_factors(norms, l2_norm_clip))
+    return grad_sum, norms, losses, y_pred, new_nt
+
+
+def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
+                     x, y, sample_weight, l2_norm_clip):
+    """``Σ_i clip_C(∇ℓ_i)`` by ghost clipping (or the vectorized path if a layer has no rule).
+
+    Args:
+      model: a built, compiled Keras model.
+      trainable, non_trainable, metrics_variables, optimizer_variables: the
+        state lists of Keras's JAX trainer.
+      x, y, sample_weight: one chunk of examples (leading axis = example);
+        ``sample_weight`` is a (B,) array (ones if unweighted).
+      l2_norm_clip: C.
+
+    Returns:
+      ``(grad_sum, norms, losses, y_pred, non_trainable)``: the clipped sum
+      (aligned with ``trainable``), the (B,) per-example gradient norms before
+      clipping, the (B,) per-example losses ``ℓ_i``, the batched predictions,
+      and the updated non-trainable variables.
+    """
+    watch = ghost_norms.ghost_plan(model)
+    reason = watch.reason
+    if reason is None:
+        shapes, reason = _trace(model, watch, trainable, non_trainable, x)
+    if reason is not None:
+        ghost_norms.log_fallback(model, reason)
+        return _vectorized_clipped_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
+                                       x, y, sample_weight, l2_norm_clip)
+
+    probes = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    watched = []
+
+    def losses_fn(trainable, probes):
+        y_pred, new_nt, _, calls = _forward(model, watch, trainable, non_trainable, x,
+                                            lambda k, z: z + probes[k])
+        watched[:] = [(call.layer, call.rule) for call in calls]
+        losses = per_example_losses(model, trainable, new_nt, metrics_variables, x, y, y_pred, sample_weight)
+        return losses, (y_pred, new_nt, [call.inputs for call in calls])
+
+    losses, vjp_fn, (y_pred, new_nt, inputs) = jax.vjp(losses_fn, trainable, probes, has_aux=True)
+    _, output_grads = vjp_fn(jnp.ones_like(losses))
+    calls = [ghost_norms.LayerCall(layer, rule, a, None) for (layer, rule), a in zip(watched, inputs)]
+    mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables, new_nt))
+    with keras.StatelessScope(state_mapping=mapping):
+        sq_norms = ghost_norms.per_example_sq_norms(calls, output_grads)
+    if sq_norms is None:
+        sq_norms = jnp.zeros(losses.shape, jnp.float32)
+    # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
+    norms = jnp.sqrt(jnp.maximum(sq_norms, 0.0))
+    factors = clipping.clip_factors(norms, l2_norm_clip)
+    grad_sum, _ = vjp_fn(factors.astype(losses.dtype))
+    return list(grad_sum), norms, losses, y_pred, new_nt
+
+
+def accumulate(model, plan, state, x, y, sample_weight):
+    """Drop-in for ``tan_keras.per_example.jax._accumulate`` with ghost clipping.
+
+    Same arguments and returns: ``(grad_sum, loss_sum, y_pred, non_trainable,
+    stats)``. Chunks of ``plan.chunk_size`` examples are scanned as there.
+    Microbatches (``plan.unit_size > 1``) and Noisy-SGD (no clipping) are
+    delegated to the vectorized ``_accumulate``.
+    """
+    if not plan.per_example or plan.unit_size != 1:
+        return vectorized._accumulate(model, plan, state, x, y, sample_weight)
+    trainable, non_trainable, optimizer_variables, metrics_variables = state
+    l2_norm_clip = model.optimizer.l2_norm_clip
+    xs, ys, sws = vectorized._pad_chunks((x, y, sample_weight), plan)
+    dtype = trainable[0].dtype
+
+    def body(carry, chunk):
+        grad_sum, loss_sum, stats_sum, nt = carry
+        xc, yc, swc = chunk
+        chunk_sum, norms, losses, y_pred, nt = clipped_grad_sum(
+            model, trainable, nt, metrics_variables, optimizer_variables, xc, yc, swc, l2_norm_clip)
+        mask = (swc != 0).astype(dtype)
+        stats = jnp.stack([jnp.sum(mask * (norms > l2_norm_clip)), jnp.sum(mask * norms), jnp.sum(mask)])
+        grad_sum = [a + b for a, b in zip(grad_sum, chunk_sum)]
+        return (grad_sum, loss_sum + jnp.sum(losses), stats_sum + stats.astype(dtype), nt), y_pred
+
+    init = ([jnp.zeros_like(v) for v in trainable], jnp.zeros((), dtype), jnp.zeros((3,), dtype), non_trainable)
+    (grad_sum, loss_sum, stats, non_trainable), y_pred = jax.lax.scan(body, init, (xs, ys, sws))
+    y_pred = jax.tree_util.tree_map(
+        lambda a: a.reshape((plan.padded_size,) + a.shape[2:])[: plan.batch_size], y_pred)
+    return grad_sum, loss_sum, y_pred, non_trainable, stats
+
+
+def clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=None):
+    """Tool/test entry point: ``(clipped grad sum, per-example norms)`` at the model's current weights (jitted)."""
+    x, y = jax.tree_util.tree_map(jnp.asarray, (x, y))
+    n = vectorized._leading_dim(x)
+    weights = jnp.ones((n,)) if sample_weight is None else jnp.asarray(sample_weight)
+    values = lambda vs: [v.value for v in vs]  # noqa: E731
+    optimizer_variables = values(model.optimizer.variables) if model.optimizer else None
+
+    @jax.jit
+    def run(trainable, non_trainable, metrics_variables, optimizer_variables, x, y, weights):
+        grad_sum, norms, _, _, _ = clipped_grad_sum(model, trainable, non_trainable, metrics_variables,
+                                                    optimizer_variables, x, y, weights, l2_norm_clip)
+        return grad_sum, norms
+
+    return run(values(model.trainable_variables), values(model.non_trainable_variables),
+               values(model.metrics_variables), optimizer_variables, x, y, weights)
