@@ -5,24 +5,40 @@ Public API:
 * optimizers: ``DPSGD``, ``DPAdam``, ``NoisySGD``
 * models: ``PrivateModel``, ``PrivateSequential``, ``make_private``
 * ``per_example_gradients`` (vectorized, for tests and tools)
-* submodules: ``accounting`` (ε, calibration, ledger), ``tan`` (TAN scaling
-  rules), ``clipping`` (pure clipping math)
+* submodules: ``accounting`` (ε, calibration, ledger) and ``tan`` (TAN
+  scaling rules) are pure Python + dp-accounting; ``clipping`` is the
+  clipping math; ``sampling`` and ``callbacks`` hold the data path.
+
+Names are imported lazily (PEP 562), so ``import tan_keras.accounting`` does
+not import Keras, TensorFlow or JAX.
 """
 
-from tan_keras.optimizers import DPAdam, DPSGD, NoisySGD, is_private_optimizer
-from tan_keras.per_example import per_example_gradients
-from tan_keras.private_model import PrivateModel, PrivateSequential, check_private_layers, make_private
-
-__all__ = [
-    "DPSGD",
-    "DPAdam",
-    "NoisySGD",
-    "PrivateModel",
-    "PrivateSequential",
-    "make_private",
-    "check_private_layers",
-    "is_private_optimizer",
-    "per_example_gradients",
-]
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "DPSGD": "tan_keras.optimizers",
+    "DPAdam": "tan_keras.optimizers",
+    "NoisySGD": "tan_keras.optimizers",
+    "is_private_optimizer": "tan_keras.optimizers",
+    "PrivateModel": "tan_keras.private_model",
+    "PrivateSequential": "tan_keras.private_model",
+    "make_private": "tan_keras.private_model",
+    "check_private_layers": "tan_keras.private_model",
+    "per_example_gradients": "tan_keras.per_example",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tan_keras' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,147 @@
+"""Throughput and peak memory of non-private vs DP-SGD training steps.
+
+    KERAS_BACKEND=jax python -m experiments.benchmark --model=cnn --batch_size=256
+
+For each mode (``nonprivate``: Keras SGD; ``vectorized``: DP-SGD with
+vectorized per-example gradients; ``ghost``: DP-SGD with ghost-norm clipping,
+where available) a fresh subprocess builds the model, compiles the train
+step, runs ``--warmup`` steps, then times ``--steps`` steps. Each subprocess
+reports examples/s and its peak memory (device peak on GPU via JAX's
+``memory_stats``, else the process's max RSS), so modes don't share a peak.
+The table ends with the DP/non-private ratios measured in this one run.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "wrn16_4"], "Model to benchmark.")
+flags.DEFINE_integer("batch_size", 256, "Batch size (examples per step).")
+flags.DEFINE_integer("physical_batch_size", None, "Chunk size inside the DP step (memory bound).")
+flags.DEFINE_integer("steps", 10, "Timed steps per mode.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per mode.")
+flags.DEFINE_list("modes", ["nonprivate", "vectorized", "ghost"], "Modes to run.")
+flags.DEFINE_string("mode", None, "Internal: run one mode in this process and print JSON.")
+flags.DEFINE_string("jit_compile", "auto", "compile(jit_compile=...): auto, true or false.")
+flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
+
+
+def build_model(name, num_classes=10):
+    import keras
+
+    if name == "cnn":
+        inputs = keras.Input((28, 28, 1))
+        h = keras.layers.Conv2D(16, 5, strides=2, padding="same", activation="relu")(inputs)
+        h = keras.layers.GroupNormalization(groups=4)(h)
+        h = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.GroupNormalization(groups=8)(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        h = keras.layers.Dense(32, activation="relu")(h)
+        return keras.Model(inputs, keras.layers.Dense(num_classes)(h), name="benchmark_cnn"), (28, 28, 1)
+    if name == "mlp":
+        inputs = keras.Input((784,))
+        h = keras.layers.Dense(256, activation="relu")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(num_classes)(h), name="benchmark_mlp"), (784,)
+    from models import wrn
+
+    return wrn.wrn_16_4(num_classes=num_classes), (32, 32, 3)
+
+
+def _peak_memory_bytes():
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            stats = device.memory_stats() or {}
+            return int(stats.get("peak_bytes_in_use", 0)), f"{device.platform} peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def run_mode(mode):
+    import keras
+    import numpy as np
+
+    import tan_keras
+
+    keras.utils.set_random_seed(0)
+    model, shape = build_model(FLAGS.model)
+    jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile.lower()]
+    if mode == "nonprivate":
+        optimizer = keras.optimizers.SGD(0.01)
+    else:
+        if mode == "ghost":
+            try:
+                from tan_keras import ghost_norms  # noqa: F401
+            except ImportError:
+                return {"mode": mode, "skipped": "ghost clipping not available"}
+        optimizer = tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.01, seed=0)
+        model = tan_keras.make_private(model, physical_batch_size=FLAGS.physical_batch_size)
+        if mode == "ghost":
+            model.clipping = "ghost"
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(FLAGS.batch_size, *shape)).astype("float32")
+    y = rng.integers(0, 10, size=(FLAGS.batch_size,)).astype("int32")
+    for _ in range(FLAGS.warmup):
+        model.train_on_batch(x, y)
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+        loss = model.train_on_batch(x, y)
+    float(np.asarray(loss).ravel()[0])  # block until the last step is done
+    elapsed = time.perf_counter() - start
+    peak, peak_kind = _peak_memory_bytes()
+    return {
+        "mode": mode,
+        "examples_per_s": FLAGS.batch_size * FLAGS.steps / elapsed,
+        "step_ms": 1000 * elapsed / FLAGS.steps,
+        "peak_memory_mb": peak / 2**20,
+        "peak_memory_kind": peak_kind,
+        "backend": keras.backend.backend(),
+        "params": model.count_params(),
+    }
+
+
+def main(argv):
+    del argv
+    if FLAGS.mode:
+        print("RESULT " + json.dumps(run_mode(FLAGS.mode)))
+        return
+    results = []
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--mode") and not a.startswith("--output_json")]
+    for mode in FLAGS.modes:
+        proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--mode={mode}", *passthrough],
+                              capture_output=True, text=True, env=os.environ.copy())
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    base = next((r for r in results if r["mode"] == "nonprivate" and "examples_per_s" in r), None)
+    backend = next((r["backend"] for r in results if "backend" in r), "?")
+    print(f"model={FLAGS.model} batch={FLAGS.batch_size} backend={backend} steps={FLAGS.steps}")
+    print(f"{'mode':<12}{'examples/s':>12}{'step ms':>10}{'peak MB':>10}{'DP cost ×':>11}")
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['mode']:<12}  skipped: {r['skipped']}")
+            continue
+        ratio = base["examples_per_s"] / r["examples_per_s"] if base else float("nan")
+        r["slowdown_vs_nonprivate"] = ratio
+        print(f"{r['mode']:<12}{r['examples_per_s']:>12.1f}{r['step_ms']:>10.1f}{r['peak_memory_mb']:>10.0f}"
+              f"{ratio:>11.2f}")
+    if FLAGS.output_json:
+        with open(FLAGS.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    app.run(main)
