@@ -1,0 +1,285 @@
+"""Custom layers and initializers shared by the image models.
+
+Everything here speaks ``keras.ops`` only, so it runs on every Keras backend,
+and mixes no information across the examples of a batch (DP-safe: no
+BatchNormalization, no batch statistics).
+
+* ``FanInTruncatedNormal``: the TAN WideResNet init (``init=0``),
+  ``trunc_normal_(std=1/sqrt(fan_in))`` cut at absolute bounds [-2, 2].
+* ``ScaledWSConv2D``: scaled weight-standardized conv of NF-ResNets
+  (Brock et al. 2021), ``MyScaledStdConv2d`` in facebookresearch/tan.
+* ``ScaledActivation``: ``gamma * act(x)``, the variance-preserving
+  activation of NF-ResNets (``gamma = RELU_GAMMA`` for ReLU).
+* ``SkipInitGain``: ``alpha * skip_gain * x`` with a learnable scalar
+  ``skip_gain`` (TAN's ``Expand`` parameter, SkipInit of De & Smith 2020).
+"""
+
+import math
+import random as pyrandom
+
+import keras
+import numpy as np
+from keras import ops
+
+#: gamma such that ``gamma * relu(z)`` has unit variance for ``z ~ N(0, 1)``.
+#: Analytically ``Var(relu(z)) = (1 - 1/pi) / 2``, i.e. ``gamma = sqrt(2 / (1 - 1/pi))
+#: = 1.71286``; we use the (Monte-Carlo) constant of DeepMind's nfnets code and
+#: timm (``_nonlin_gamma['relu']``), 0.06% larger, to match the reference models.
+RELU_GAMMA = 1.7139588594436646
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class FanInTruncatedNormal(keras.initializers.Initializer):
+    """Truncated normal with ``std = scale / sqrt(fan_in)``, cut at ``[lower, upper]``.
+
+    This is ``torch.nn.init.trunc_normal_(w, std=1/sqrt(fan_in))`` as used by
+    the TAN WideResNet (``init=0``, "as in DeepMind's paper"). The bounds are
+    *absolute* (torch's defaults ``a=-2, b=2``), not multiples of the std, so
+    for ``fan_in >= 27`` the draw is, in practice, an untruncated normal whose
+    std really is ``1/sqrt(fan_in)`` (i.e. Kaiming-normal, ``fan_in``,
+    "linear"). ``keras.initializers.TruncatedNormal`` instead cuts at 2 std,
+    which shrinks the std by ~12%.
+
+    ``fan_in = prod(shape[:-1])``: ``kh*kw*in`` for a channels-last conv kernel
+    ``(kh, kw, in, out)``, ``in`` for a Dense kernel ``(in, out)``.
+
+    Values are drawn on the host with NumPy (normal draws, out-of-bounds ones
+    redrawn: exactly the truncated law), which costs no per-shape XLA compile
+    on JAX. As Keras's own initializers, an instance returns the same values
+    on every call: an unseeded one draws its seed when created, from Python's
+    RNG, so ``keras.utils.set_random_seed`` makes models reproducible. Use one
+    instance per layer.
+    """
+
+    def __init__(self, scale=1.0, lower=-2.0, upper=2.0, seed=None):
+        if not scale > 0:
+            raise ValueError(f"`scale` must be > 0, got {scale!r}.")
+        if not lower < upper:
+            raise ValueError(f"`lower` must be < `upper`, got lower={lower!r}, upper={upper!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"`seed` must be None or an int, got {seed!r}.")
+        self.scale = float(scale)
+        self.lower = float(lower)
+        self.upper = float(upper)
+        self.seed = seed
+        self._seed = seed if seed is not None else pyrandom.randint(1, int(1e9))
+
+    def __call__(self, shape, dtype=None):
+        shape = tuple(int(d) for d in shape)
+        fan_in = max(1, math.prod(shape[:-1]))
+        std = self.scale / math.sqrt(fan_in)
+        mass = 0.5 * (math.erf(self.upper / (std * math.sqrt(2))) - math.erf(self.lower / (std * math.sqrt(2))))
+        if mass < 1e-3:
+            raise ValueError(
+                f"[lower, upper] = [{self.lower}, {self.upper}] holds only {mass:.2e} of the mass of "
+                f"N(0, {std:.3g}^2) for shape {shape}."
+            )
+        rng = np.random.default_rng(self._seed)
+        w = rng.standard_normal(shape) * std
+        outside = (w < self.lower) | (w > self.upper)
+        while outside.any():
+            w[outside] = rng.standard_normal(int(outside.sum())) * std
+            outside = (w < self.lower) | (w > self.upper)
+        return ops.convert_to_tensor(w.astype(keras.backend.standardize_dtype(dtype or keras.config.floatx())))
+
+    def get_config(self):
+        return {"scale": self.scale, "lower": self.lower, "upper": self.upper, "seed": self.seed}
+
+
+def standardize_kernel(kernel, gain=None, eps=1e-4):
+    """Scaled weight standardization of a channels-last kernel ``(..., in, out)``.
+
+    ``W_hat = gain * (W - mean) / sqrt(var * fan_in + eps)``, with ``mean`` and
+    ``var`` taken per output channel over all other (fan-in) axes, so each
+    output channel of ``W_hat`` has zero mean and ``sum(W_hat**2) = gain**2``
+    (up to eps): a unit-variance, zero-mean input gives a unit-variance output.
+
+    ``var`` is the population (biased) variance, as in Brock et al.'s JAX code
+    and timm's ``F.batch_norm`` form; the TAN code's ``torch.var`` is the
+    unbiased one, which differs by a factor ``fan_in / (fan_in - 1)``.
+    """
+    axes = tuple(range(len(kernel.shape) - 1))
+    fan_in = math.prod(kernel.shape[:-1])
+    mean = ops.mean(kernel, axis=axes, keepdims=True)
+    var = ops.var(kernel, axis=axes, keepdims=True)
+    w = (kernel - mean) * ops.rsqrt(var * fan_in + eps)
+    if gain is not None:
+        w = w * gain
+    return w
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class ScaledWSConv2D(keras.layers.Layer):
+    """2D convolution with scaled weight standardization (channels-last).
+
+    ``y = conv(x, W_hat) + b``, ``W_hat = gain * (W - mean) / sqrt(var * fan_in + eps)``
+    with per-output-channel mean/var over the fan-in axes ``(kh, kw, in)`` and a
+    learnable per-output-channel ``gain`` (init ``gain_init``). The
+    standardization is written in ``keras.ops`` inside ``call``, so gradients
+    (and per-example gradients) flow through it to ``kernel`` and ``gain``.
+
+    Brock et al. 2021, "Characterizing signal propagation to close the
+    performance gap in unnormalized ResNets" (arXiv 2101.08692); TAN's
+    ``MyScaledStdConv2d`` (which passes ``eps=1e-6``; ``get_standardized_weight``
+    defaults to 1e-4, our default).
+
+    .. warning:: This layer deliberately does *not* subclass
+       ``keras.layers.Conv2D``: a per-layer fast-clipping rule written for
+       plain convs (keyed by ``isinstance``) would compute wrong per-example
+       gradients for it, since the kernel passes through the standardization.
+
+    Padding is Keras/TF ``"same"``/``"valid"``; for stride 2 "same" pads
+    (0, 1) where torch's ``padding=k//2`` pads (1, 1) (cf. timm's ``*Same`` layers).
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="same",
+        use_bias=True,
+        eps=1e-4,
+        gain_init=1.0,
+        kernel_initializer=None,
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not (isinstance(filters, int) and filters > 0):
+            raise ValueError(f"`filters` must be a positive int, got {filters!r}.")
+        if padding not in ("same", "valid"):
+            raise ValueError(f"`padding` must be 'same' or 'valid', got {padding!r}.")
+        if not eps >= 0:
+            raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
+        self.filters = filters
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+        self.padding = padding
+        self.use_bias = use_bias
+        self.eps = float(eps)
+        self.gain_init = float(gain_init)
+        if kernel_initializer is None:
+            # timm NF nets: kaiming_normal_(mode='fan_in', nonlinearity='linear').
+            kernel_initializer = FanInTruncatedNormal()
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        in_channels = input_shape[-1]
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(*self.kernel_size, in_channels, self.filters),
+            initializer=self.kernel_initializer,
+        )
+        self.gain = self.add_weight(
+            name="gain",
+            shape=(self.filters,),
+            initializer=keras.initializers.Constant(self.gain_init),
+        )
+        self.bias = (
+            self.add_weight(name="bias", shape=(self.filters,), initializer=self.bias_initializer)
+            if self.use_bias
+            else None
+        )
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: in_channels})
+
+    def standardized_kernel(self):
+        """The kernel actually convolved: ``gain * (W - mean) / sqrt(var * fan_in + eps)``."""
+        return standardize_kernel(self.kernel, self.gain, self.eps)
+
+    def call(self, inputs):
+        kernel = ops.cast(self.standardized_kernel(), inputs.dtype)
+        outputs = ops.conv(inputs, kernel, strides=self.strides, padding=self.padding, data_format="channels_last")
+        if self.bias is not None:
+            outputs = outputs + ops.cast(self.bias, outputs.dtype)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        spatial = []
+        for size, k, s in zip(input_shape[1:3], self.kernel_size, self.strides):
+            if size is None:
+                spatial.append(None)
+            elif self.padding == "same":
+                spatial.append(-(-size // s))
+            else:
+                spatial.append((size - k) // s + 1)
+        return (input_shape[0], *spatial, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "use_bias": self.use_bias,
+                "eps": self.eps,
+                "gain_init": self.gain_init,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class ScaledActivation(keras.layers.Layer):
+    """``gamma * activation(x)``: a variance-preserving nonlinearity.
+
+    With ``gamma = RELU_GAMMA`` and ``activation="relu"``, a ``N(0, 1)`` input
+    gives an output of unit variance (Brock et al. 2021), so the next weight-
+    standardized conv again outputs unit variance. Applying gamma here is
+    equivalent to timm's ``ScaledStdConv2d(gamma=...)`` (a linear conv commutes
+    with the scalar) and to its ``gamma_in_act=True`` variant.
+    """
+
+    def __init__(self, activation="relu", gamma=RELU_GAMMA, **kwargs):
+        super().__init__(**kwargs)
+        self.activation = keras.activations.get(activation)
+        self.gamma = float(gamma)
+
+    def call(self, inputs):
+        return self.activation(inputs) * ops.cast(self.gamma, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"activation": keras.activations.serialize(self.activation), "gamma": self.gamma})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tan_keras")
+class SkipInitGain(keras.layers.Layer):
+    """``alpha * skip_gain * x``: residual-branch scaling of a normalizer-free block.
+
+    ``alpha`` is the fixed rate of variance growth per block (0.2 in NF-ResNets);
+    ``skip_gain`` is a learnable scalar (SkipInit, De & Smith 2020). The TAN code
+    initialises it to 1.0 (its ``Expand`` parameter); timm's ``skipinit=True``
+    initialises it to 0, which makes every block the identity at init.
+    """
+
+    def __init__(self, alpha=0.2, gain_init=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = float(alpha)
+        self.gain_init = float(gain_init)
+
+    def build(self, input_shape):
+        self.skip_gain = self.add_weight(
+            name="skip_gain", shape=(), initializer=keras.initializers.Constant(self.gain_init)
+        )
+
+    def call(self, inputs):
+        return inputs * ops.cast(self.skip_gain * self.alpha, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"alpha": self.alpha, "gain_init": self.gain_init})
+        return config
