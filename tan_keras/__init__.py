@@ -5,6 +5,8 @@ Public API:
 * optimizers: ``DPSGD``, ``DPAdam``, ``NoisySGD``
 * models: ``PrivateModel``, ``PrivateSequential``, ``make_private``
 * ``per_example_gradients`` (vectorized, for tests and tools)
+* data path: ``PoissonSampler``, ``private_fit``, ``PrivacyBudget``, ``EMA``,
+  ``PrivateCheckpoint``; ``augmult.wrap`` for augmentation multiplicity
 * submodules: ``accounting`` (ε, calibration, ledger) and ``tan`` (TAN
   scaling rules) are pure Python + dp-accounting; ``clipping`` is the
   clipping math; ``sampling`` and ``callbacks`` hold the data path.
@@ -27,7 +29,14 @@ _EXPORTS = {
     "make_private": "tan_keras.private_model",
     "check_private_layers": "tan_keras.private_model",
     "per_example_gradients": "tan_keras.per_example",
+    "PoissonSampler": "tan_keras.sampling",
+    "private_fit": "tan_keras.sampling",
+    "PrivacyBudget": "tan_keras.callbacks",
+    "EMA": "tan_keras.callbacks",
+    "PrivateCheckpoint": "tan_keras.callbacks",
 }
+_SUBMODULES = ("accounting", "tan", "clipping", "optimizers", "private_model", "per_example", "sampling",
+               "augmult", "callbacks", "ghost_norms")
 
 __all__ = sorted(_EXPORTS)
 
@@ -37,6 +46,8 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tan_keras.{name}")
     raise AttributeError(f"module 'tan_keras' has no attribute {name!r}")
 
 

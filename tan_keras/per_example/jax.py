@@ -127,7 +127,9 @@ def private_train_step(model, state, data):
     counted = jnp.maximum(stats[2], 1.0)
     dp_values = (stats[0] / counted, stats[1] / counted, signal_norm, noise_norm)
     with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_variables))) as scope:
-        model._loss_tracker.update_state(loss_sum / batch_size, sample_weight=batch_size)
+        # Mean over real examples: zero-weight rows are Poisson padding.
+        num_real = jnp.maximum(jnp.sum(weights != 0).astype(loss_sum.dtype), 1.0)
+        model._loss_tracker.update_state(loss_sum / num_real, sample_weight=num_real)
         for tracker, value in zip(model._dp_metrics(), dp_values):
             tracker.update_state(value)
         logs = model.compute_metrics(x, y, y_pred, sample_weight)
@@ -145,5 +147,9 @@ def per_example_gradients(model, x, y=None, sample_weight=None):
     metrics_variables = [v.value for v in model.metrics_variables]
     optimizer_variables = [v.value for v in model.optimizer.variables] if model.optimizer else None
     loss_fn = _loss_fn(model, metrics_variables, optimizer_variables)
-    grads, _, _, _ = _per_example_fn(loss_fn, trainable, non_trainable)(x, y, weights)
-    return grads
+
+    @jax.jit  # compiled, like the train step (XLA and eager CPU kernels round differently)
+    def grads_fn(trainable, non_trainable, x, y, weights):
+        return _per_example_fn(loss_fn, trainable, non_trainable)(x, y, weights)[0]
+
+    return grads_fn(trainable, non_trainable, x, y, weights)

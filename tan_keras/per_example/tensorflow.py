@@ -128,7 +128,9 @@ def private_train_step(model, data):
     noise_norm, signal_norm = model.optimizer.apply_private(grad_sum, normalizer, variables)
     counted = tf.maximum(stats[2], 1.0)
     dp_values = (stats[0] / counted, stats[1] / counted, signal_norm, noise_norm)
-    model._loss_tracker.update_state(loss_sum / tf.cast(n, loss_sum.dtype), sample_weight=n)
+    # Mean over real examples: zero-weight rows are Poisson padding.
+    num_real = tf.maximum(tf.reduce_sum(tf.cast(weights != 0, loss_sum.dtype)), 1.0)
+    model._loss_tracker.update_state(loss_sum / num_real, sample_weight=num_real)
     for tracker, value in zip(model._dp_metrics(), dp_values):
         tracker.update_state(value)
     return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
