@@ -81,6 +81,22 @@ class PrivateTrainerMixin:
     def metrics(self):
         return super().metrics + self._dp_metrics()
 
+    def evaluate(self, *args, **kwargs):
+        # The DP statistics describe training steps; evaluation (and fit's
+        # validation, which calls evaluate) reports only the model's metrics.
+        object.__setattr__(self, "_dp_evaluating", True)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            object.__setattr__(self, "_dp_evaluating", False)
+
+    def get_metrics_result(self):
+        result = super().get_metrics_result()
+        if getattr(self, "_dp_evaluating", False):
+            for name in self._dp_metric_names:
+                result.pop(name, None)
+        return result
+
     def get_config(self):
         config = super().get_config()
         config["physical_batch_size"] = self.physical_batch_size

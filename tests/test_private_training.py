@@ -13,6 +13,7 @@ from scipy import stats
 
 import tan_keras
 from tan_keras import clipping
+from helpers import brute_force_grads, weights_of
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -42,22 +43,6 @@ def data(n=16, seed=0, scale=1.0, shape=(6,)):
     return x, y
 
 
-def weights_of(model):
-    return [np.array(w) for w in model.get_weights()]
-
-
-def brute_force_grads(model_fn, x, y):
-    """−Δw of one plain SGD(lr=1) step on each single example = ∇ℓ_i, one at a time."""
-    grads = []
-    for i in range(len(x)):
-        model = model_fn()
-        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=LOSS)
-        before = weights_of(model)
-        model.train_on_batch(x[i:i + 1], y[i:i + 1])
-        grads.append([b - a for b, a in zip(before, weights_of(model))])
-    return [np.stack(g) for g in zip(*grads)]
-
-
 def fit_steps(model, optimizer, x, y, batch_size, epochs=1, **kw):
     model.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"], **kw)
     return model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
@@ -70,7 +55,7 @@ def test_vectorized_per_example_grads_equal_brute_force_loop(model_fn):
     model = tan_keras.make_private(model_fn())
     model.compile(optimizer=tan_keras.DPSGD(1.0, 1.0), loss=LOSS)
     vectorized = [np.array(g) for g in tan_keras.per_example_gradients(model, x, y)]
-    expected = brute_force_grads(model_fn, x, y)
+    expected = brute_force_grads(model_fn, x, y, LOSS)
     for got, want in zip(vectorized, expected):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -205,9 +190,13 @@ def test_zero_sample_weight_examples_contribute_nothing():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-def test_dp_statistics_are_logged_by_fit():
+def test_dp_statistics_are_logged_by_fit_and_not_by_evaluate():
     x, y = data(32, scale=10.0)
-    history = fit_steps(mlp(), tan_keras.DPSGD(0.01, 1.0, seed=0), x, y, batch_size=16)
+    model = mlp()
+    model.compile(optimizer=tan_keras.DPSGD(0.01, 1.0, seed=0), loss=LOSS, metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=16, validation_data=(x, y), verbose=0)
+    assert set(model.evaluate(x, y, verbose=0, return_dict=True)) == {"loss", "accuracy"}
+    assert not any(k.startswith("val_") and k[4:] in model._dp_metric_names for k in history.history)
     logs = {k: v[-1] for k, v in history.history.items()}
     assert logs["clip_fraction"] == pytest.approx(1.0)
     assert logs["per_example_norm"] > 0.01

@@ -106,24 +106,28 @@ def private_train_step(model, data):
             return tf.concat([a, tf.zeros(tf.concat([[extra], tf.shape(a)[1:]], 0), a.dtype)], 0)
 
         xs, ys, sws = tf.nest.map_structure(pad, (x, y, weights))
-        y_spec = model.compute_output_spec(tf.nest.map_structure(lambda a: a[:1], x))
-        arrays = tf.nest.map_structure(
-            lambda spec: tf.TensorArray(dtype=spec.dtype, size=num_chunks, infer_shape=False,
-                                        element_shape=tf.TensorShape([None] + list(spec.shape[1:]))), y_spec)
+        # Per-chunk predictions go to one TensorArray per output leaf; the
+        # structure of y_pred is recorded when the loop body is traced.
+        leaf_specs = tf.nest.flatten(model.compute_output_spec(tf.nest.map_structure(lambda a: a[:1], x)))
+        arrays = [tf.TensorArray(dtype=spec.dtype, size=num_chunks, infer_shape=False,
+                                 element_shape=tf.TensorShape([None] + list(spec.shape[1:])))
+                  for spec in leaf_specs]
+        structure = {}
 
         def body(i, grad_sum, loss_sum, stats, arrays):
             sl = lambda a: a[i * p:(i + 1) * p]  # noqa: E731
             g, loss, y_pred, st = _chunk_grads(model, variables, per_example, unit_size,
                                                tf.nest.map_structure(sl, xs), tf.nest.map_structure(sl, ys),
                                                sl(sws))
-            arrays = tf.nest.map_structure(lambda ta, v: ta.write(i, tf.cast(v, ta.dtype)), arrays, y_pred)
+            structure["y_pred"] = y_pred
+            arrays = [ta.write(i, tf.cast(v, ta.dtype)) for ta, v in zip(arrays, tf.nest.flatten(y_pred))]
             return i + 1, [a + b for a, b in zip(grad_sum, g)], loss_sum + loss, stats + st, arrays
 
         init = (tf.constant(0), [tf.zeros_like(v) for v in variables], tf.zeros((), dtype),
                 tf.zeros((3,), dtype), arrays)
         _, grad_sum, loss_sum, stats, arrays = tf.while_loop(
             lambda i, *_: i < num_chunks, body, init)
-        y_pred = tf.nest.map_structure(lambda ta: ta.concat()[:n], arrays)
+        y_pred = tf.nest.pack_sequence_as(structure["y_pred"], [ta.concat()[:n] for ta in arrays])
 
     noise_norm, signal_norm = model.optimizer.apply_private(grad_sum, normalizer, variables)
     counted = tf.maximum(stats[2], 1.0)
