@@ -24,6 +24,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "wrn16_4"], "Model to benchmark.")
 flags.DEFINE_integer("batch_size", 256, "Batch size (examples per step).")
 flags.DEFINE_integer("physical_batch_size", None, "Chunk size inside the DP step (memory bound).")
+flags.DEFINE_integer("augmult", 0, "K > 0: DP modes average K on-device augmentations per example "
+                     "before clipping (TAN Eq. 5); the non-private mode then trains on the K·B views.")
 flags.DEFINE_integer("steps", 10, "Timed steps per mode.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per mode.")
 flags.DEFINE_list("modes", ["nonprivate", "vectorized", "ghost"], "Modes to run.")
@@ -77,21 +79,29 @@ def run_mode(mode):
     jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile.lower()]
     if mode == "nonprivate":
         optimizer = keras.optimizers.SGD(0.01)
+        batch = FLAGS.batch_size * max(FLAGS.augmult, 1)  # the same number of forward/backward passes
     else:
+        batch = FLAGS.batch_size
         if mode == "ghost":
             try:
                 from tan_keras import ghost_norms  # noqa: F401
             except ImportError:
                 return {"mode": mode, "skipped": "ghost clipping not available"}
         optimizer = tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.01, seed=0)
-        model = tan_keras.make_private(model, physical_batch_size=FLAGS.physical_batch_size)
+        if FLAGS.augmult:
+            from tan_keras import augmult
+
+            model = augmult.wrap(model, FLAGS.augmult)
+            model.physical_batch_size = FLAGS.physical_batch_size
+        else:
+            model = tan_keras.make_private(model, physical_batch_size=FLAGS.physical_batch_size)
         if mode == "ghost":
             model.clipping = "ghost"
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(FLAGS.batch_size, *shape)).astype("float32")
-    y = rng.integers(0, 10, size=(FLAGS.batch_size,)).astype("int32")
+    x = rng.normal(size=(batch, *shape)).astype("float32")
+    y = rng.integers(0, 10, size=(batch,)).astype("int32")
     for _ in range(FLAGS.warmup):
         model.train_on_batch(x, y)
     start = time.perf_counter()
@@ -102,6 +112,8 @@ def run_mode(mode):
     peak, peak_kind = _peak_memory_bytes()
     return {
         "mode": mode,
+        # Examples = images; with augmult, K views of each (the non-private
+        # baseline processes the same K·B views as plain examples).
         "examples_per_s": FLAGS.batch_size * FLAGS.steps / elapsed,
         "step_ms": 1000 * elapsed / FLAGS.steps,
         "peak_memory_mb": peak / 2**20,
@@ -117,7 +129,11 @@ def main(argv):
         print("RESULT " + json.dumps(run_mode(FLAGS.mode)))
         return
     results = []
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--mode") and not a.startswith("--output_json")]
+    # absl consumes sys.argv, so forward this run's settings explicitly.
+    passthrough = [f"--{name}={FLAGS[name].value}" for name in
+                   ("model", "batch_size", "steps", "warmup", "augmult", "jit_compile")]
+    if FLAGS.physical_batch_size:
+        passthrough.append(f"--physical_batch_size={FLAGS.physical_batch_size}")
     for mode in FLAGS.modes:
         proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--mode={mode}", *passthrough],
                               capture_output=True, text=True, env=os.environ.copy())
@@ -127,7 +143,8 @@ def main(argv):
         results.append(json.loads(lines[-1][len("RESULT "):]))
     base = next((r for r in results if r["mode"] == "nonprivate" and "examples_per_s" in r), None)
     backend = next((r["backend"] for r in results if "backend" in r), "?")
-    print(f"model={FLAGS.model} batch={FLAGS.batch_size} backend={backend} steps={FLAGS.steps}")
+    print(f"model={FLAGS.model} batch={FLAGS.batch_size} augmult={FLAGS.augmult} backend={backend} "
+          f"steps={FLAGS.steps} physical_batch_size={FLAGS.physical_batch_size}")
     print(f"{'mode':<12}{'examples/s':>12}{'step ms':>10}{'peak MB':>10}{'DP cost ×':>11}")
     for r in results:
         if "skipped" in r:
