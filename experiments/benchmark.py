@@ -30,6 +30,9 @@ flags.DEFINE_integer("steps", 10, "Timed steps per mode.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per mode.")
 flags.DEFINE_list("modes", ["nonprivate", "vectorized", "ghost"], "Modes to run.")
 flags.DEFINE_string("mode", None, "Internal: run one mode in this process and print JSON.")
+flags.DEFINE_enum("norm_mode", "auto", ["auto", "ghost", "explicit"],
+                  "Ghost mode only: per-layer choice of ghost norm vs explicit per-example gradient "
+                  "(auto = Li et al.'s cost rule).")
 flags.DEFINE_string("jit_compile", "auto", "compile(jit_compile=...): auto, true or false.")
 flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
 
@@ -82,11 +85,6 @@ def run_mode(mode):
         batch = FLAGS.batch_size * max(FLAGS.augmult, 1)  # the same number of forward/backward passes
     else:
         batch = FLAGS.batch_size
-        if mode == "ghost":
-            try:
-                from tan_keras import ghost_norms  # noqa: F401
-            except ImportError:
-                return {"mode": mode, "skipped": "ghost clipping not available"}
         optimizer = tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0, learning_rate=0.01, seed=0)
         if FLAGS.augmult:
             from tan_keras import augmult
@@ -94,21 +92,23 @@ def run_mode(mode):
             model = augmult.wrap(model, FLAGS.augmult)
             model.physical_batch_size = FLAGS.physical_batch_size
         else:
-            model = tan_keras.make_private(model, physical_batch_size=FLAGS.physical_batch_size)
-        if mode == "ghost":
-            model.clipping = "ghost"
+            model = tan_keras.make_private(model, physical_batch_size=FLAGS.physical_batch_size,
+                                           clipping="ghost" if mode == "ghost" else "vectorized")
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *shape)).astype("float32")
     y = rng.integers(0, 10, size=(batch,)).astype("int32")
-    for _ in range(FLAGS.warmup):
-        model.train_on_batch(x, y)
-    start = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        loss = model.train_on_batch(x, y)
-    float(np.asarray(loss).ravel()[0])  # block until the last step is done
-    elapsed = time.perf_counter() - start
+    from tan_keras import ghost_norms
+
+    with ghost_norms.norm_mode(FLAGS.norm_mode):
+        for _ in range(FLAGS.warmup):
+            model.train_on_batch(x, y)
+        start = time.perf_counter()
+        for _ in range(FLAGS.steps):
+            loss = model.train_on_batch(x, y)
+        float(np.asarray(loss).ravel()[0])  # block until the last step is done
+        elapsed = time.perf_counter() - start
     peak, peak_kind = _peak_memory_bytes()
     return {
         "mode": mode,
@@ -131,7 +131,7 @@ def main(argv):
     results = []
     # absl consumes sys.argv, so forward this run's settings explicitly.
     passthrough = [f"--{name}={FLAGS[name].value}" for name in
-                   ("model", "batch_size", "steps", "warmup", "augmult", "jit_compile")]
+                   ("model", "batch_size", "steps", "warmup", "augmult", "jit_compile", "norm_mode")]
     if FLAGS.physical_batch_size:
         passthrough.append(f"--physical_batch_size={FLAGS.physical_batch_size}")
     for mode in FLAGS.modes:
@@ -143,7 +143,8 @@ def main(argv):
         results.append(json.loads(lines[-1][len("RESULT "):]))
     base = next((r for r in results if r["mode"] == "nonprivate" and "examples_per_s" in r), None)
     backend = next((r["backend"] for r in results if "backend" in r), "?")
-    print(f"model={FLAGS.model} batch={FLAGS.batch_size} augmult={FLAGS.augmult} backend={backend} "
+    print(f"model={FLAGS.model} batch={FLAGS.batch_size} augmult={FLAGS.augmult} norm_mode={FLAGS.norm_mode} "
+          f"backend={backend} "
           f"steps={FLAGS.steps} physical_batch_size={FLAGS.physical_batch_size}")
     print(f"{'mode':<12}{'examples/s':>12}{'step ms':>10}{'peak MB':>10}{'DP cost ×':>11}")
     for r in results:

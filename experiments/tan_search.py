@@ -105,10 +105,38 @@ def _plot(path, rows, full_rows, law, points, b_ref, predicted, measured):
     plt.close(fig)
 
 
+def choose_reference(target_epsilon, delta, num_examples, ref_batch_size, ref_steps, min_ref_noise=2.0,
+                     accountant="rdp"):
+    """(B_ref, σ_ref): σ_ref calibrated to (ε, δ) at (B_ref, S), with B_ref raised if σ_ref < min_ref_noise.
+
+    TAN §3.2–3.4: below σ ≈ 2 the privacy cost per unit of TAN grows fast
+    ("privacy wall"), so at fixed ε and S a larger batch with a larger σ buys
+    accuracy. At fixed ε and S, the calibrated σ grows with B, so the smallest
+    B ≤ N reaching ``min_ref_noise`` is found by bisection. If even B = N
+    cannot reach it, B_ref stays as given and the regime warning stands.
+    """
+    from tan_keras import accounting
+
+    def sigma(b):
+        return accounting.calibrate_noise_multiplier(target_epsilon, ref_steps, delta, batch_size=b,
+                                                     num_examples=num_examples, accountant=accountant)
+
+    sigma_ref = sigma(ref_batch_size)
+    if not min_ref_noise or sigma_ref >= min_ref_noise or sigma(num_examples) < min_ref_noise:
+        return ref_batch_size, sigma_ref
+    low, high = ref_batch_size, num_examples  # σ(low) < min ≤ σ(high)
+    while high - low > max(1, ref_batch_size // 100):
+        mid = (low + high) // 2
+        low, high = (mid, high) if sigma(mid) < min_ref_noise else (low, mid)
+    print(f"σ_ref={sigma_ref:.3f} < {min_ref_noise} at B_ref={ref_batch_size}: raising B_ref to {high} "
+          "(TAN §3.4: a larger batch with a larger σ at the same ε).")
+    return high, sigma(high)
+
+
 def run(dataset="mnist5k", model="cnn", optimizer="dpsgd", target_epsilon=8.0, delta=1e-5,
         ref_batch_size=500, ref_steps=100, sim_batch_size=64, lrs=(1.0, 2.0), momentums=(0.0,),
         ema_decays=(0.0, 0.99), augmults=(0,), scaling_batch_sizes=(), check_ranking=False,
-        l2_norm_clip=1.0, accountant="rdp", physical_batch_size=None, seed=0, output_dir="out/tan_search",
+        min_ref_noise=2.0, l2_norm_clip=1.0, accountant="rdp", physical_batch_size=None, seed=0, output_dir="out/tan_search",
         data_dir=None, image_size=None, max_examples=None, verbose=0, data=None):
     """Runs the TAN search; returns a summary dict (also written to ``output_dir/summary.json``)."""
     from experiments import datasets, train_image_classifier
@@ -121,9 +149,9 @@ def run(dataset="mnist5k", model="cnn", optimizer="dpsgd", target_epsilon=8.0, d
     n = len(data[0])
     if not ref_batch_size <= n:
         raise ValueError(f"ref_batch_size={ref_batch_size} exceeds the {n} training examples.")
-    # (1) σ_ref from the target (ε, δ) at (B_ref, S).
-    sigma_ref = accounting.calibrate_noise_multiplier(target_epsilon, ref_steps, delta, batch_size=ref_batch_size,
-                                                      num_examples=n, accountant=accountant)
+    # (1) σ_ref from the target (ε, δ) at (B_ref, S), raised to ≥ min_ref_noise where possible.
+    ref_batch_size, sigma_ref = choose_reference(target_epsilon, delta, n, ref_batch_size, ref_steps,
+                                                 min_ref_noise, accountant)
     reference = tan.TanConfig(ref_batch_size, sigma_ref, ref_steps, n)
     regime = tan.warn_regime(sigma_ref, stacklevel=2)
     print(f"Target (ε={target_epsilon}, δ={delta}) on N={n}: B_ref={ref_batch_size}, S={ref_steps} → "
@@ -260,6 +288,7 @@ def define_flags():
     flags.DEFINE_list("augmults", ["0"], "AugMult K values (0: off).")
     flags.DEFINE_list("scaling_batch_sizes", [], "Extra small B for the scaling-law fit.")
     flags.DEFINE_bool("check_ranking", False, "Also run the grid at B_ref and compare rankings.")
+    flags.DEFINE_float("min_ref_noise", 2.0, "Raise B_ref until σ_ref reaches this (TAN's regime); 0 keeps B_ref.")
     flags.DEFINE_float("l2_norm_clip", 1.0, "C.")
     flags.DEFINE_integer("physical_batch_size", None, "Examples per on-device chunk.")
     flags.DEFINE_integer("seed", 0, "Seed.")
@@ -277,7 +306,7 @@ def flags_to_params():
         sim_batch_size=f.sim_batch_size, lrs=[float(v) for v in f.lrs],
         momentums=[float(v) for v in f.momentums], ema_decays=[float(v) for v in f.ema_decays],
         augmults=[int(v) for v in f.augmults], scaling_batch_sizes=[int(v) for v in f.scaling_batch_sizes],
-        check_ranking=f.check_ranking, l2_norm_clip=f.l2_norm_clip, physical_batch_size=f.physical_batch_size,
+        check_ranking=f.check_ranking, min_ref_noise=f.min_ref_noise, l2_norm_clip=f.l2_norm_clip, physical_batch_size=f.physical_batch_size,
         seed=f.seed, output_dir=f.output_dir, verbose=f.verbose)
 
 

@@ -13,6 +13,8 @@ that many examples inside the compiled step (``lax.scan`` / ``tf.while_loop``),
 the clipped sums are accumulated, and noise is added once.
 """
 
+import warnings
+
 import keras
 
 from tan_keras import optimizers as dp_optimizers
@@ -21,6 +23,12 @@ from tan_keras import per_example
 #: Layers that mix information across the examples of a batch. Their per-example
 #: "gradients" depend on the other examples, so clipping bounds nothing.
 _EXAMPLE_MIXING_LAYERS = (keras.layers.BatchNormalization,)
+
+#: ``"vectorized"``: per-example gradients (vmap / vectorized_map), any layer.
+#: ``"ghost"``: per-example norms from layer inputs and output gradients
+#: (``tan_keras.ghost_norms``), then a reweighted backward pass; models with a
+#: layer the registry does not cover fall back to ``"vectorized"``.
+CLIPPING_MODES = ("vectorized", "ghost")
 
 
 def check_private_layers(model):
@@ -40,7 +48,10 @@ class PrivateTrainerMixin:
 
     _dp_metric_names = ("clip_fraction", "per_example_norm", "signal_norm", "noise_norm")
 
-    def _init_private(self, physical_batch_size=None):
+    def _init_private(self, physical_batch_size=None, clipping="vectorized"):
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"`clipping` must be one of {CLIPPING_MODES}, got {clipping!r}.")
+        self.clipping = clipping
         if physical_batch_size is not None and (
             isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, int) or physical_batch_size < 1
         ):
@@ -64,6 +75,17 @@ class PrivateTrainerMixin:
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    @property
+    def uses_ghost_clipping(self):
+        if getattr(self, "clipping", "vectorized") != "ghost":
+            return False
+        if getattr(self, "views_per_example", 1) > 1:
+            # AugMult: the inner model sees n·K rows; a view is not a unit of privacy.
+            warnings.warn("Ghost clipping does not group AugMult views; using vectorized per-example "
+                          "gradients, which average the K views before clipping.", stacklevel=2)
+            return False
+        return True
 
     @property
     def is_private(self):
@@ -100,6 +122,7 @@ class PrivateTrainerMixin:
     def get_config(self):
         config = super().get_config()
         config["physical_batch_size"] = self.physical_batch_size
+        config["clipping"] = self.clipping
         return config
 
 
@@ -111,15 +134,16 @@ class PrivateModel(PrivateTrainerMixin, keras.Model):
     Subclassed: ``class MyNet(tan_keras.PrivateModel): ...``.
     """
 
-    def __init__(self, *args, physical_batch_size=None, **kwargs):
+    def __init__(self, *args, physical_batch_size=None, clipping="vectorized", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_private(physical_batch_size)
+        self._init_private(physical_batch_size, clipping)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         physical_batch_size = config.pop("physical_batch_size", None)
+        clipping = config.pop("clipping", "vectorized")
         model = super().from_config(config, custom_objects=custom_objects)
-        model._init_private(physical_batch_size)
+        model._init_private(physical_batch_size, clipping)
         return model
 
 
@@ -127,19 +151,20 @@ class PrivateModel(PrivateTrainerMixin, keras.Model):
 class PrivateSequential(PrivateTrainerMixin, keras.Sequential):
     """A ``keras.Sequential`` that trains with DP-SGD under a private optimizer."""
 
-    def __init__(self, layers=None, *args, physical_batch_size=None, **kwargs):
+    def __init__(self, layers=None, *args, physical_batch_size=None, clipping="vectorized", **kwargs):
         super().__init__(layers, *args, **kwargs)
-        self._init_private(physical_batch_size)
+        self._init_private(physical_batch_size, clipping)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         physical_batch_size = config.pop("physical_batch_size", None)
+        clipping = config.pop("clipping", "vectorized")
         model = super().from_config(config, custom_objects=custom_objects)
-        model._init_private(physical_batch_size)
+        model._init_private(physical_batch_size, clipping)
         return model
 
 
-def make_private(model, physical_batch_size=None):
+def make_private(model, physical_batch_size=None, clipping="vectorized"):
     """Returns a private-trainable version of ``model``, sharing its layers and weights.
 
     * ``keras.Sequential`` → ``PrivateSequential`` over the same layers.
@@ -151,8 +176,7 @@ def make_private(model, physical_batch_size=None):
     Raises ValueError for layers that mix examples (BatchNormalization).
     """
     if isinstance(model, PrivateTrainerMixin):
-        if physical_batch_size is not None:
-            model.physical_batch_size = physical_batch_size
+        model._init_private(physical_batch_size or model.physical_batch_size, clipping)
         return model
     if not isinstance(model, keras.Model):
         raise TypeError(f"make_private expects a keras.Model, got {type(model).__name__}.")
@@ -162,13 +186,14 @@ def make_private(model, physical_batch_size=None):
         if model.built and getattr(model, "inputs", None):
             spec = model.inputs[0]
             layers = [keras.Input(batch_shape=spec.shape, dtype=spec.dtype)] + layers
-        private = PrivateSequential(layers, name=model.name, physical_batch_size=physical_batch_size)
+        private = PrivateSequential(layers, name=model.name, physical_batch_size=physical_batch_size,
+                                    clipping=clipping)
     elif getattr(model, "_is_graph_network", False) or hasattr(model, "_nodes_by_depth"):
         private = PrivateModel(model.inputs, model.outputs, name=model.name,
-                               physical_batch_size=physical_batch_size)
+                               physical_batch_size=physical_batch_size, clipping=clipping)
     else:
         cls = type(model)
         model.__class__ = type(f"Private{cls.__name__}", (PrivateTrainerMixin, cls), {})
-        model._init_private(physical_batch_size)
+        model._init_private(physical_batch_size, clipping)
         return model
     return private

@@ -9,17 +9,19 @@ def weights_of(model):
 
 
 def brute_force_grads(model_fn, x, y, loss):
-    """∇ℓ_i one example at a time: −Δw of one plain SGD(lr=1) step on example i.
+    """∇ℓ_i one example at a time: −Δw of one plain SGD(lr=1) step on example i alone.
 
-    ``model_fn`` must build identical weights on every call (fixed seed).
+    One model is compiled once; its weights are reset before each example
+    (SGD without momentum keeps no state between steps).
     """
+    model = model_fn()
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=loss)
+    initial = weights_of(model)
     grads = []
     for i in range(len(x)):
-        model = model_fn()
-        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=loss)
-        before = weights_of(model)
+        model.set_weights(initial)
         model.train_on_batch(x[i:i + 1], y[i:i + 1])
-        grads.append([b - a for b, a in zip(before, weights_of(model))])
+        grads.append([b - a for b, a in zip(initial, weights_of(model))])
     return [np.stack(g) for g in zip(*grads)]
 
 

@@ -296,3 +296,30 @@ def test_save_and_load_round_trip_keeps_optimizer_config_and_weights(tmp_path):
     for cls in (tan_keras.DPSGD, tan_keras.DPAdam, tan_keras.NoisySGD):
         opt = cls(noise_multiplier=1.0, **({} if cls is tan_keras.NoisySGD else {"l2_norm_clip": 2.0}))
         assert cls.from_config(opt.get_config()).get_config() == opt.get_config()
+
+
+def test_private_fit_on_real_digits_learns_at_a_stated_epsilon():
+    """sklearn digits (1,400 train / 397 test), Poisson sampling at q = 0.1, σ = 1.5, C = 1, 200 steps.
+
+    ε = 5.55 at δ = 1e-5 (RDP); measured test accuracy ≈ 0.96. Threshold 0.90.
+    """
+    from sklearn.datasets import load_digits
+
+    from tan_keras import accounting, callbacks, sampling
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.data))
+    x = (digits.data[order] / 16.0).astype("float32")
+    y = digits.target[order].astype("int32")
+    keras.utils.set_random_seed(0)
+    model = tan_keras.PrivateSequential(
+        [keras.Input((64,)), keras.layers.Dense(64, activation="tanh"), keras.layers.Dense(10)])
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.5, learning_rate=1.0, seed=0),
+                  loss=LOSS, metrics=["accuracy"])
+    budget = callbacks.PrivacyBudget(target_epsilon=6.0, delta=1e-5, noise_multiplier=1.5)
+    sampling.private_fit(model, x[:1400], y[:1400], steps=200, batch_size=140, steps_per_epoch=40,
+                         physical_batch_size=64, seed=0, callbacks=[budget], verbose=0)
+    epsilon = budget.ledger.epsilon(1e-5)
+    assert epsilon == pytest.approx(accounting.epsilon(1.5, 200, 1e-5, batch_size=140, num_examples=1400))
+    assert epsilon < 6.0
+    assert model.evaluate(x[1400:], y[1400:], verbose=0, return_dict=True)["accuracy"] > 0.90

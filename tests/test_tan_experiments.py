@@ -57,11 +57,19 @@ def test_tfds_datasets_train_end_to_end_on_mock_data(name, tmp_path):
     assert r["is_private"] and r["steps"] == 2 and r["epsilon"] <= 50.0
 
 
+def test_reference_batch_is_raised_until_sigma_reaches_the_tan_regime():
+    b_ref, sigma_ref = tan_search.choose_reference(8.0, 1e-5, 4000, 250, 100, min_ref_noise=2.0)
+    assert sigma_ref >= 2.0 and 250 < b_ref <= 4000
+    smaller = accounting.calibrate_noise_multiplier(8.0, 100, 1e-5, batch_size=b_ref - 25, num_examples=4000)
+    assert smaller < 2.0  # the smallest such batch, up to the bisection's 1% resolution
+    assert tan_search.choose_reference(8.0, 1e-5, 4000, 250, 100, min_ref_noise=0.0)[0] == 250
+
+
 def test_tan_search_transfers_best_point_to_a_private_run_within_budget(tmp_path):
     out = tmp_path / "search"
     s = tan_search.run(dataset="digits", data=_digits(), target_epsilon=4.0, delta=1e-4, ref_batch_size=128,
                        ref_steps=4, sim_batch_size=32, lrs=(1.0,), ema_decays=(0.0, 0.9),
-                       check_ranking=True, output_dir=str(out))
+                       check_ranking=True, min_ref_noise=0.0, output_dir=str(out))
     n = len(_digits()[0])
     sigma_ref = accounting.calibrate_noise_multiplier(4.0, 4, 1e-4, batch_size=128, num_examples=n)
     assert s["sigma_ref"] == pytest.approx(sigma_ref)

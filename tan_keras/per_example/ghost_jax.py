@@ -155,9 +155,7 @@ def accumulate(model, plan, state, x, y, sample_weight):
         return (grad_sum, loss_sum + jnp.sum(losses), stats_sum + stats.astype(dtype), nt), y_pred
 
     init = ([jnp.zeros_like(v) for v in trainable], jnp.zeros((), dtype), jnp.zeros((3,), dtype), non_trainable)
-    (grad_sum, loss_sum, stats, non_trainable), y_pred = jax.lax.scan(body, init, (xs, ys, sws))
-    y_pred = jax.tree_util.tree_map(
-        lambda a: a.reshape((plan.padded_size,) + a.shape[2:])[: plan.batch_size], y_pred)
+    (grad_sum, loss_sum, stats, non_trainable), y_pred = vectorized.scan_chunks(body, init, (xs, ys, sws), plan)
     return grad_sum, loss_sum, y_pred, non_trainable, stats
 
 

@@ -95,9 +95,14 @@ def private_train_step(model, data):
     n = _leading_dim(x)
     weights = sample_weight if sample_weight is not None else tf.ones((n,), dtype)
     per_example, unit_size, p, num_chunks, normalizer = _layout(model, n)
+    chunk_grads = _chunk_grads
+    if model.uses_ghost_clipping:
+        from tan_keras.per_example import ghost_tensorflow
+
+        chunk_grads = ghost_tensorflow.chunk_grads
 
     if isinstance(p, int) and isinstance(num_chunks, int) and num_chunks == 1:
-        grad_sum, loss_sum, y_pred, stats = _chunk_grads(model, variables, per_example, unit_size, x, y, weights)
+        grad_sum, loss_sum, y_pred, stats = chunk_grads(model, variables, per_example, unit_size, x, y, weights)
     else:
         padded = num_chunks * p
 
@@ -116,7 +121,7 @@ def private_train_step(model, data):
 
         def body(i, grad_sum, loss_sum, stats, arrays):
             sl = lambda a: a[i * p:(i + 1) * p]  # noqa: E731
-            g, loss, y_pred, st = _chunk_grads(model, variables, per_example, unit_size,
+            g, loss, y_pred, st = chunk_grads(model, variables, per_example, unit_size,
                                                tf.nest.map_structure(sl, xs), tf.nest.map_structure(sl, ys),
                                                sl(sws))
             structure["y_pred"] = y_pred

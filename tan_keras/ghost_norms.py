@@ -1,0 +1,597 @@
+"""Ghost norms: per-example gradient norms without per-example gradients.
+
+Fast ("mixed ghost") clipping, Li et al. ICLR'22 (arXiv 2110.05679), after
+Goodfellow 2015 and Lee & Kifer 2021. For a layer ``z = a W + b`` applied to
+the ``T`` positions of one example (tokens, pixels of a conv's output), the
+example's weight gradient is ``∇W_i = a_iᵀ g_i`` with ``a_i`` (T×d) the layer
+input and ``g_i = ∂ℓ_i/∂z_i`` (T×p) the output gradient, so
+
+    ‖∇W_i‖²_F = ⟨a_i a_iᵀ, g_i g_iᵀ⟩     (ghost: O(T²(d+p)), memory T²)
+              = ‖a_iᵀ g_i‖²_F            (explicit: O(T d p), memory d p)
+    ‖∇b_i‖²   = ‖Σ_t g_i,t‖²
+
+and the per-layer choice between the two forms is made by cost ("mixed"
+ghost clipping: ghost when ``2T² < d p``). Convolutions are the same matmul
+over their unfolded input patches. A train step then needs two backward
+passes of the ordinary batched model: one for the output gradients ``g_i``
+(hence the norms and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``), and one
+for ``∇ Σ_i c_i ℓ_i = Σ_i clip_C(∇ℓ_i)`` with the ``c_i`` held constant.
+
+This module is the backend-neutral half (``keras.ops`` only):
+
+* the registry: ``@register_ghost_norm(keras.layers.Dense, ...)`` maps a
+  Keras layer class to a function ``(layer, inputs, output_grad) -> (B,)``
+  giving the squared per-example norm of the gradient of all the layer's
+  trainable weights (Opacus's ``register_grad_sampler`` pattern);
+* ``ghost_plan(model)``: which layers to watch, or why the model must use the
+  vectorized per-example path instead;
+* ``capture(...)``: runs the model with every watched layer's call
+  intercepted, recording its input and handing its *pre-activation* output to
+  a backend ``tap`` (TF records it for ``tape.gradient``; JAX adds a zero
+  "probe" input whose gradient is the output gradient).
+
+The train steps that use them live in ``tan_keras.per_example.ghost_jax`` and
+``tan_keras.per_example.ghost_tensorflow``.
+
+.. warning:: Rules are looked up by *exact* layer class (or by registered
+   Keras name), never by ``isinstance``: a subclass may change the math (a
+   weight-standardized conv is not a conv in its kernel). Register subclasses
+   explicitly.
+
+.. warning:: The per-example decomposition assumes examples do not interact
+   in the forward pass (no BatchNormalization: ``check_private_layers``) and
+   that each watched layer is called once per forward pass (weight sharing
+   falls back to the vectorized path). Dropout is allowed, but the masks drawn
+   in a batched pass differ from those of the vectorized path.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import itertools
+import math
+import string
+from typing import Callable, Optional
+
+import keras
+from keras import ops
+
+_log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostNormRule:
+    """How one layer class gives its per-example squared gradient norms.
+
+    Attributes:
+      sq_norms: ``(layer, inputs, output_grad) -> (B,)`` squared L2 norm of
+        each example's gradient w.r.t. all trainable weights of the layer.
+        ``inputs`` is the first argument of the layer's ``call``;
+        ``output_grad`` is ``∂(Σ_i ℓ_i)/∂z`` for the layer's (pre-activation)
+        output ``z``, whose example-i slice is ``∂ℓ_i/∂z_i``.
+      activation_attr: name of an attribute holding a built-in activation
+        (``Dense(..., activation="relu")``). It is switched off while the layer
+        runs, so the captured output is the pre-activation ``z``, and applied
+        afterwards.
+      unsupported: ``layer -> reason or None`` for configurations the rule
+        does not cover (LoRA, quantization, grouped convs, ...).
+    """
+
+    sq_norms: Callable
+    activation_attr: Optional[str] = None
+    unsupported: Optional[Callable] = None
+
+
+_RULES = {}
+
+
+def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None):
+    """Decorator registering ``fn(layer, inputs, output_grad) -> (B,)`` for layer classes.
+
+    ``layer_types`` are Keras layer classes, or registered Keras names
+    (``"package>ClassName"``, as ``keras.saving.get_registered_name`` gives) for
+    layers defined where this module cannot import them. Example::
+
+        @register_ghost_norm(MyScale)
+        def my_scale_sq_norms(layer, inputs, output_grad):
+            g = ops.sum(output_grad * inputs, axis=range(1, len(inputs.shape) - 1))
+            return ops.sum(ops.square(g), axis=-1)
+    """
+
+    def decorator(fn):
+        rule = GhostNormRule(fn, activation_attr, unsupported)
+        for layer_type in layer_types:
+            _RULES[layer_type] = rule
+        return fn
+
+    return decorator
+
+
+def rule_for(layer):
+    """The rule registered for ``type(layer)`` (exact class, then registered name), or None."""
+    cls = type(layer)
+    rule = _RULES.get(cls)
+    if rule is None:
+        rule = _RULES.get(keras.saving.get_registered_name(cls))
+    return rule
+
+
+# --------------------------------------------------------------------------
+# Norm mode: "auto" (by cost), or forced "ghost" / "explicit" (tests, benchmarks)
+# --------------------------------------------------------------------------
+
+_MODE = ["auto"]
+
+
+@contextlib.contextmanager
+def norm_mode(mode):
+    """Forces the ghost (``"ghost"``) or materialized (``"explicit"``) form while tracing.
+
+    ``"auto"`` (the default) picks the cheaper form per layer. The forms are
+    mathematically equal; forcing one exists to test and time both.
+    """
+    if mode not in ("auto", "ghost", "explicit"):
+        raise ValueError(f"`mode` must be 'auto', 'ghost' or 'explicit', got {mode!r}.")
+    previous = _MODE[0]
+    _MODE[0] = mode
+    try:
+        yield
+    finally:
+        _MODE[0] = previous
+
+
+def use_ghost(num_positions, in_dim, out_dim):
+    """Li et al.'s rule: the ghost form iff ``2T² < d·p`` (its T×T Grams beat the d×p gradient)."""
+    if _MODE[0] != "auto":
+        return _MODE[0] == "ghost"
+    if num_positions is None:
+        return False
+    return 2 * num_positions * num_positions < in_dim * out_dim
+
+
+# --------------------------------------------------------------------------
+# Shared formulas
+# --------------------------------------------------------------------------
+
+
+def _f32(x):
+    return ops.cast(x, "float32")
+
+
+def _per_example_sum_sq(x):
+    """``Σ x_i²`` over all but the leading (example) axis: (B,)."""
+    return ops.sum(ops.reshape(ops.square(x), (ops.shape(x)[0], -1)), axis=1)
+
+
+def _positions(x, last):
+    """Reshapes ``(B, ..., last)`` to ``(B, T, last)``."""
+    return ops.reshape(x, (ops.shape(x)[0], -1, last))
+
+
+def matmul_grad_sq_norms(a, g):
+    """``‖a_iᵀ g_i‖²_F`` for ``a`` (B, T, d) and ``g`` (B, T, p): per-example norms of a matmul's weight grad.
+
+    Ghost form ``Σ_{t,s} (a_i a_iᵀ)_{ts} (g_i g_iᵀ)_{ts}`` or explicit form
+    ``Σ (a_iᵀ g_i)²``, whichever ``use_ghost`` picks. ``a`` may also be a list
+    of blocks ``(B, T, d_j)`` standing for their concatenation along the last
+    axis (a conv's input patches, one block per kernel offset), which is never
+    formed.
+    """
+    blocks = list(a) if isinstance(a, (list, tuple)) else [a]
+    num_positions, out_dim = g.shape[1], g.shape[2]
+    in_dim = sum(b.shape[2] for b in blocks)
+    if num_positions == 1:
+        a_sq = sum(ops.sum(ops.square(b), axis=(1, 2)) for b in blocks)
+        return a_sq * ops.sum(ops.square(g), axis=(1, 2))
+    if use_ghost(num_positions, in_dim, out_dim):
+        gram_a = sum(ops.einsum("btd,bsd->bts", b, b) for b in blocks)
+        gram_g = ops.einsum("btp,bsp->bts", g, g)
+        return ops.sum(gram_a * gram_g, axis=(1, 2))
+    return sum(_per_example_sum_sq(ops.einsum("btd,btp->bdp", b, g)) for b in blocks)
+
+
+def _position_sum_sq(g):
+    """``‖Σ_t g_i,t‖²`` for ``g`` (B, T, p): per-example norms of a bias grad."""
+    return ops.sum(ops.square(ops.sum(g, axis=1)), axis=1)
+
+
+def _trainable(variable):
+    return variable is not None and variable.trainable
+
+
+def _no_lora_or_quantization(layer):
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA is enabled"
+    if getattr(layer, "quantization_mode", None) is not None:
+        return f"it is quantized ({layer.quantization_mode})"
+    return None
+
+
+# --------------------------------------------------------------------------
+# Dense, EinsumDense
+# --------------------------------------------------------------------------
+
+
+@register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization)
+def dense_sq_norms(layer, inputs, output_grad):
+    """Dense on ``(B, ..., d)``: every leading non-batch axis is a position t."""
+    g = _positions(_f32(output_grad), layer.units)
+    total = 0.0
+    if _trainable(layer.kernel):
+        a = _positions(_f32(inputs), layer.kernel.shape[0])
+        total = total + matmul_grad_sq_norms(a, g)
+    if _trainable(layer.bias):
+        total = total + _position_sum_sq(g)
+    return total
+
+
+def _einsum_subscripts(layer, input_rank):
+    """(input, kernel, output) subscripts of an EinsumDense, with ``...`` spelt out."""
+    lhs, out = layer.equation.split("->")
+    inp, ker = lhs.split(",")
+    if "..." in inp:
+        unused = [c for c in string.ascii_letters if c not in layer.equation]
+        ellipsis = "".join(unused[: input_rank - (len(inp) - 3)])
+        inp, out = inp.replace("...", ellipsis), out.replace("...", ellipsis)
+    return inp, ker, out
+
+
+def _einsum_dense_unsupported(layer):
+    reason = _no_lora_or_quantization(layer)
+    if reason:
+        return reason
+    lhs, out = layer.equation.split("->")
+    inp, ker = lhs.split(",")
+    if "..." in ker:
+        return f"its kernel subscripts '{ker}' hold an ellipsis"
+    if inp.startswith("...") != out.startswith("...") or (not inp.startswith("...") and (
+            inp[0] != out[0] or inp[0] in ker)):
+        return f"the batch axis of '{layer.equation}' is not the first axis of its input and output"
+    if any(c not in inp and c not in out for c in ker):
+        return f"a kernel axis of '{layer.equation}' is summed away"
+    return None
+
+
+@register_ghost_norm(keras.layers.EinsumDense, activation_attr="activation", unsupported=_einsum_dense_unsupported)
+def einsum_dense_sq_norms(layer, inputs, output_grad):
+    """EinsumDense ``out = einsum(eq, a, W) + b`` as a matmul over positions.
+
+    Input letters shared with the output (not the kernel, not the batch) are
+    positions T; kernel letters split into contracted (input side) and output
+    side. A kernel letter on both sides (elementwise use of the kernel) has no
+    matmul form: the explicit per-example gradient ``einsum(a, g)`` is used.
+    """
+    inp, ker, out = _einsum_subscripts(layer, len(inputs.shape))
+    batch = inp[0]
+    a, g = _f32(inputs), _f32(output_grad)
+    total = 0.0
+    if _trainable(layer.kernel):
+        k_in = "".join(c for c in ker if c in inp and c not in out)
+        k_out = "".join(c for c in ker if c in out and c not in inp)
+        if len(k_in) + len(k_out) < len(ker):
+            total = total + _per_example_sum_sq(ops.einsum(f"{inp},{out}->{batch}{ker}", a, g))
+        else:
+            pos = "".join(c for c in inp if c in out and c not in ker and c != batch)
+            size = lambda letters: math.prod(layer.kernel.shape[ker.index(c)] for c in letters)  # noqa: E731
+            a_mat = _positions(ops.einsum(f"{inp}->{batch}{pos}{k_in}", a), size(k_in))
+            g_mat = _positions(ops.einsum(f"{out}->{batch}{pos}{k_out}", g), size(k_out))
+            total = total + matmul_grad_sq_norms(a_mat, g_mat)
+    if _trainable(layer.bias):
+        total = total + _per_example_sum_sq(ops.einsum(f"{out}->{batch}{layer.bias_axes}", g))
+    return total
+
+
+# --------------------------------------------------------------------------
+# Convolutions
+# --------------------------------------------------------------------------
+
+
+def shifted_inputs(inputs, kernel_size, strides, padding, dilation_rate):
+    """A channels-last conv's input patches as one ``(B, T, C)`` block per kernel offset.
+
+    Block j holds, for every output position t, the input pixel that kernel
+    offset j (row-major over ``kernel_size``) multiplies: the conv is
+    ``z_t = Σ_j block_j[t] @ W[j]``. Strided slices of the padded input (the
+    conv's own TF-style "same"/"valid" padding), so no ``k``-fold patch tensor
+    is built.
+    """
+    x = inputs
+    spatial = x.shape[1:-1]
+    pads, outs = [[0, 0]], []
+    for size, k, s, d in zip(spatial, kernel_size, strides, dilation_rate):
+        span = (k - 1) * d + 1
+        if padding == "same":
+            out = -(-size // s)
+            total = max((out - 1) * s + span - size, 0)
+            pads.append([total // 2, total - total // 2])
+        else:
+            out = (size - span) // s + 1
+            pads.append([0, 0])
+        outs.append(out)
+    pads.append([0, 0])
+    if any(p != [0, 0] for p in pads):
+        x = ops.pad(x, pads)
+    blocks = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        index = (slice(None),) + tuple(
+            slice(j * d, j * d + s * (out - 1) + 1, s)
+            for j, d, s, out in zip(offset, dilation_rate, strides, outs)) + (slice(None),)
+        blocks.append(_positions(x[index], x.shape[-1]))
+    return blocks
+
+
+def _channels_last(x, data_format):
+    if data_format == "channels_first":
+        return ops.moveaxis(x, 1, -1)
+    return x
+
+
+def _conv_unsupported(layer):
+    reason = _no_lora_or_quantization(layer)
+    if reason:
+        return reason
+    if layer.groups != 1:
+        return f"grouped convolution (groups={layer.groups})"
+    return None
+
+
+@register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",
+                     unsupported=_conv_unsupported)
+def conv_sq_norms(layer, inputs, output_grad):
+    """Conv1D/Conv2D: the matmul ``patches_i (T × k·C) @ W (k·C × filters)``, T = output positions."""
+    g = _positions(_channels_last(_f32(output_grad), layer.data_format), layer.filters)
+    total = 0.0
+    if _trainable(layer.kernel):
+        x = _channels_last(_f32(inputs), layer.data_format)
+        padding = layer.padding
+        if padding == "causal":
+            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            x = ops.pad(x, [[0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        blocks = shifted_inputs(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+        total = total + matmul_grad_sq_norms(blocks, g)
+    if layer.use_bias and _trainable(layer.bias):
+        total = total + _position_sum_sq(g)
+    return total
+
+
+@register_ghost_norm("tan_keras>ScaledWSConv2D")
+def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
+    """NF-ResNet scaled weight-standardized conv, ``z = conv(a, γ·u(W)) + b``.
+
+    ``u(W)_o = (W_o - mean(W_o)) / s_o`` per output channel o, over its
+    ``n = kh·kw·C`` fan-in entries, with ``s_o = sqrt(n·var(W_o) + eps)``.
+    With ``G_o`` the per-example gradient w.r.t. the standardized kernel's
+    channel o (the plain conv gradient, ``patches_iᵀ g_i,o``), the chain rule
+    through the standardization (a per-channel linear map) gives
+
+        ∇γ_o = ⟨G_o, u_o⟩ =: α_o
+        ∇W_o = (γ_o/s_o) (G_o - mean(G_o) - α_o u_o)
+        ‖∇W_o‖² = (γ_o/s_o)² (‖G_o‖² - (ΣG_o)²/n - α_o² (2 - ‖u_o‖²))
+
+    ``Σ_o (γ_o/s_o)² ‖G_o‖²`` is the plain conv norm with ``g`` scaled per
+    channel (ghost or explicit by cost), ``ΣG_o = Σ_t g_t,o Σ_j patch_t,j``
+    and ``α_o = Σ_t g_t,o (patch_t · u_o)``: nothing B×n×filters is formed in
+    the ghost form.
+    """
+    g = _positions(_f32(output_grad), layer.filters)
+    total = 0.0
+    if _trainable(layer.kernel) or _trainable(layer.gain):
+        kernel = _f32(layer.kernel)
+        k, channels = math.prod(layer.kernel_size), kernel.shape[2]
+        n = k * channels
+        centred = kernel - ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+        scale = ops.sqrt(ops.sum(ops.square(centred), axis=(0, 1, 2)) + layer.eps)  # s_o, (filters,)
+        u = ops.reshape(centred / scale, (k, channels, layer.filters))  # offsets row-major, as the blocks
+        blocks = shifted_inputs(_f32(inputs), layer.kernel_size, layer.strides, layer.padding, (1, 1))
+        patch_u = sum(ops.einsum("btc,co->bto", b, u[j]) for j, b in enumerate(blocks))  # patch_t · u_o
+        alpha = ops.sum(patch_u * g, axis=1)  # (B, filters)
+        if _trainable(layer.kernel):
+            w = ops.square(_f32(layer.gain) / scale)  # (γ_o/s_o)²
+            weighted = matmul_grad_sq_norms(blocks, g * ops.sqrt(w))
+            patch_sums = sum(ops.sum(b, axis=2) for b in blocks)  # Σ_j patch_t,j, (B, T)
+            col_sums = ops.einsum("bt,bto->bo", patch_sums, g)  # ΣG_o
+            u_sq = ops.sum(ops.square(u), axis=(0, 1))  # ‖u_o‖²
+            correction = ops.square(col_sums) / n + ops.square(alpha) * (2.0 - u_sq)
+            total = total + weighted - ops.sum(w * correction, axis=1)
+        if _trainable(layer.gain):
+            total = total + ops.sum(ops.square(alpha), axis=1)
+    if layer.bias is not None and _trainable(layer.bias):
+        total = total + _position_sum_sq(g)
+    return total
+
+
+# --------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------
+
+
+@register_ghost_norm(keras.layers.Embedding, unsupported=_no_lora_or_quantization)
+def embedding_sq_norms(layer, inputs, output_grad):
+    """Embedding: ``∇E_i[v] = Σ_{t: id_t = v} g_t``, so ``‖∇E_i‖² = Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩``.
+
+    O(T² p) per example, independent of the vocabulary size.
+    """
+    if not _trainable(layer.embeddings):
+        return ops.zeros((ops.shape(output_grad)[0],), "float32")
+    ids = ops.reshape(ops.cast(inputs, "int32"), (ops.shape(inputs)[0], -1))
+    g = _positions(_f32(output_grad), layer.output_dim)
+    if ids.shape[1] == 1:
+        return _per_example_sum_sq(g)
+    same = ops.cast(ops.equal(ids[:, :, None], ids[:, None, :]), "float32")
+    return ops.sum(same * ops.einsum("btp,bsp->bts", g, g), axis=(1, 2))
+
+
+# --------------------------------------------------------------------------
+# Normalization scale and offset
+# --------------------------------------------------------------------------
+
+
+def _normalized(layer, inputs):
+    """The layer's output with ``gamma = 1`` and ``beta = 0``: x̂, with ``out = x̂·γ + β``.
+
+    Re-runs the layer's own ``call`` (so its epsilon, axes and RMS options are
+    honoured) with its affine variables replaced in a ``StatelessScope``.
+    """
+    mapping = [(v, ops.ones(v.shape, v.dtype)) for v in [layer.gamma] if v is not None]
+    mapping += [(v, ops.zeros(v.shape, v.dtype)) for v in [layer.beta] if v is not None]
+    with keras.StatelessScope(state_mapping=mapping):
+        return _f32(type(layer).call(layer, inputs))
+
+
+def _affine_sq_norms(layer, inputs, output_grad, param_axes):
+    """Scale/offset grads ``Σ g ⊙ x̂`` and ``Σ g`` over all non-batch axes outside ``param_axes``."""
+    g = _f32(output_grad)
+    rank = len(g.shape)
+    param_axes = {a % rank for a in param_axes}
+    reduce = tuple(a for a in range(1, rank) if a not in param_axes)
+    total = 0.0
+    if _trainable(layer.gamma):
+        total = total + _per_example_sum_sq(ops.sum(g * _normalized(layer, inputs), axis=reduce))
+    if _trainable(layer.beta):
+        total = total + _per_example_sum_sq(ops.sum(g, axis=reduce))
+    return total
+
+
+@register_ghost_norm(keras.layers.LayerNormalization)
+def layer_norm_sq_norms(layer, inputs, output_grad):
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return _affine_sq_norms(layer, inputs, output_grad, axes)
+
+
+@register_ghost_norm(keras.layers.GroupNormalization)
+def group_norm_sq_norms(layer, inputs, output_grad):
+    return _affine_sq_norms(layer, inputs, output_grad, [layer.axis])
+
+
+# --------------------------------------------------------------------------
+# Which layers to watch, and the interception itself
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostPlan:
+    """The layers whose calls a ghost step watches, or why it cannot run.
+
+    Attributes:
+      layers: ``(layer, rule)`` for every layer that owns trainable weights.
+      reason: None if ghost clipping applies; else why the model needs the
+        vectorized per-example path (the first layer that forced it).
+    """
+
+    layers: tuple
+    reason: Optional[str] = None
+
+
+def ghost_plan(model):
+    """Checks that every trainable weight belongs to a layer with a ghost-norm rule."""
+    model_vars = {id(v) for v in model.trainable_variables}
+    layers = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        own = [v for v in layer._trainable_variables if v.trainable and id(v) in model_vars]
+        if getattr(layer, "activity_regularizer", None) is not None:
+            return GhostPlan((), f"layer '{layer.name}' has an activity regularizer")
+        if any(v.regularizer is not None for v in own):
+            return GhostPlan((), f"layer '{layer.name}' has a weight regularizer")
+        if not own:
+            continue
+        rule = rule_for(layer)
+        if rule is None:
+            return GhostPlan((), f"layer '{layer.name}' ({type(layer).__name__}) has trainable weights "
+                                 "and no registered ghost-norm rule")
+        reason = rule.unsupported(layer) if rule.unsupported else None
+        if reason:
+            return GhostPlan((), f"layer '{layer.name}' ({type(layer).__name__}): {reason}")
+        layers.append((layer, rule))
+    return GhostPlan(tuple(layers))
+
+
+def check_calls(plan, calls):
+    """Reason to fall back after tracing (a watched layer called twice), or None."""
+    seen = set()
+    for call in calls:
+        if id(call.layer) in seen:
+            return (f"layer '{call.layer.name}' is called more than once per forward pass "
+                    "(shared weights)")
+        seen.add(id(call.layer))
+    return None
+
+
+_LOGGED = set()
+
+
+def log_fallback(model, reason):
+    """Logs once per (model, reason) that ``model`` uses vectorized per-example gradients."""
+    key = (id(model), reason)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        _log.warning("Ghost clipping is not available for model '%s': %s. Using vectorized "
+                     "per-example gradients instead.", model.name, reason)
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """One intercepted call: the layer, its rule, its input and its (pre-activation) output."""
+
+    layer: object
+    rule: GhostNormRule
+    inputs: object
+    output: object
+
+
+@contextlib.contextmanager
+def capture(plan, tap):
+    """Intercepts the watched layers' calls; yields the list of ``LayerCall`` in call order.
+
+    ``tap(index, z) -> z'`` receives each pre-activation output; what it returns
+    (``z`` itself, or ``z + probe``) continues through the activation and the
+    rest of the model. Works for any model whose forward pass calls its layers
+    through ``Layer.__call__`` (functional, Sequential, subclassed).
+    """
+    calls = []
+    patched = []
+
+    def wrap(layer, rule):
+        original = layer.call
+        first_arg = next(iter(layer._call_signature.parameters))
+
+        def call(*args, **kwargs):
+            inputs = args[0] if args else kwargs[first_arg]
+            activation = getattr(layer, rule.activation_attr) if rule.activation_attr else None
+            if activation is not None:
+                object.__setattr__(layer, rule.activation_attr, None)
+            try:
+                z = original(*args, **kwargs)
+            finally:
+                if activation is not None:
+                    object.__setattr__(layer, rule.activation_attr, activation)
+            z = tap(len(calls), z)
+            calls.append(LayerCall(layer, rule, inputs, z))
+            return activation(z) if activation is not None else z
+
+        return call
+
+    try:
+        for layer, rule in plan.layers:
+            patched.append((layer, layer.__dict__.get("call")))
+            layer.__dict__["call"] = wrap(layer, rule)
+        yield calls
+    finally:
+        for layer, previous in patched:
+            if previous is None:
+                layer.__dict__.pop("call", None)
+            else:
+                layer.__dict__["call"] = previous
+
+
+def per_example_sq_norms(calls, output_grads):
+    """``Σ_layers ‖∇_layer ℓ_i‖²``: (B,) squared global norms of the per-example gradients."""
+    total = None
+    for call, grad in zip(calls, output_grads):
+        sq = call.rule.sq_norms(call.layer, call.inputs, grad)
+        total = sq if total is None else total + sq
+    return total

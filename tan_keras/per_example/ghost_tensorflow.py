@@ -1,0 +1,134 @@
+"""TensorFlow backend of ghost clipping: one forward pass, two backward passes, no per-example grads.
+
+``clipped_grad_sum`` runs the batched model once under a persistent
+``GradientTape`` with every watched layer's pre-activation output ``z``
+recorded (``tan_keras.ghost_norms.capture``). Then:
+
+1. ``tape.gradient(ŷ, z, output_gradients=∂ℓ/∂ŷ)``: the example-i slice of
+   ``∂(Σ_i ℓ_i)/∂z`` is ``g_i = ∂ℓ_i/∂z_i`` (examples do not interact); with
+   the recorded layer inputs it gives the per-example norms ``‖∇ℓ_i‖`` (ghost
+   norms) and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``;
+2. ``tape.gradient(ŷ, W, output_gradients=c·∂ℓ/∂ŷ) = ∇ Σ_i c_i ℓ_i = Σ_i clip_C(∇ℓ_i)``.
+
+``∂ℓ_i/∂ŷ_i`` comes from ``per_example_losses`` (a batch-of-one loss per
+example, as the vectorized path computes it).
+
+Models with a layer that has no ghost-norm rule use the vectorized path
+(``tan_keras.per_example.tensorflow``), with a logged warning.
+"""
+
+import tensorflow as tf
+
+from tan_keras import clipping, ghost_norms
+from tan_keras.per_example import tensorflow as vectorized
+
+
+def per_example_losses(model, x, y, y_pred, sample_weight):
+    """``(ℓ_i, ∂ℓ_i/∂ŷ_i)``: each example's compiled loss alone (a batch of one) and its gradient.
+
+    The gradients w.r.t. the predictions are taken inside ``tf.vectorized_map``
+    and handed to the model's tape as ``output_gradients``, so no gradient
+    flows *through* ``vectorized_map`` (whose gradient makes XLA recompile the
+    step every time the weights change).
+    """
+
+    def one(args):
+        xi, yi, pi, wi = tf.nest.map_structure(lambda a: a[None], args)
+        with tf.GradientTape() as tape:
+            tape.watch(pi)
+            loss = model._compute_loss(x=xi, y=yi, y_pred=pi, sample_weight=wi, training=True)
+        grads = tape.gradient(loss, pi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return loss, tf.nest.map_structure(lambda a: a[0], grads)
+
+    if y is None:
+        return tf.vectorized_map(lambda args: one((args[0], None, args[1], args[2])), (x, y_pred, sample_weight))
+    return tf.vectorized_map(one, (x, y, y_pred, sample_weight))
+
+
+def _vectorized_clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip):
+    grads, losses, y_pred = tf.vectorized_map(vectorized._example_grads_fn(model, variables), (x, y, sample_weight))
+    norms = clipping.global_norms(grads)
+    grad_sum = clipping.weighted_sum(grads, clipping.clip_factors(norms, l2_norm_clip))
+    return grad_sum, norms, losses, y_pred
+
+
+def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
+    """``Σ_i clip_C(∇ℓ_i)`` by ghost clipping (or the vectorized path if a layer has no rule).
+
+    Args:
+      model: a built, compiled Keras model.
+      variables: ``model.trainable_variables``.
+      x, y, sample_weight: one chunk of examples (leading axis = example);
+        ``sample_weight`` is a (B,) tensor (ones if unweighted).
+      l2_norm_clip: C.
+
+    Returns:
+      ``(grad_sum, norms, losses, y_pred)``: the clipped sum (aligned with
+      ``variables``), the (B,) per-example gradient norms before clipping, the
+      (B,) per-example losses ``ℓ_i`` and the batched predictions.
+      Non-trainable variables (seed generators) are updated in place, as in a
+      plain Keras step.
+    """
+    watch = ghost_norms.ghost_plan(model)
+    reason = watch.reason
+    if reason is None:
+        with tf.GradientTape(persistent=True) as tape:
+            with ghost_norms.capture(watch, lambda k, z: z) as calls:
+                y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
+        reason = ghost_norms.check_calls(watch, calls) or (
+            "the model adds losses in its forward pass (add_loss)" if model.losses else None)
+    if reason is not None:
+        ghost_norms.log_fallback(model, reason)
+        return _vectorized_clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip)
+
+    losses, loss_grads = per_example_losses(model, x, y, y_pred, sample_weight)
+    targets = tf.nest.flatten(y_pred)
+    output_grads = tape.gradient(targets, [call.output for call in calls],
+                                 output_gradients=tf.nest.flatten(loss_grads),
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    sq_norms = ghost_norms.per_example_sq_norms(calls, output_grads)
+    if sq_norms is None:
+        sq_norms = tf.zeros_like(losses, tf.float32)
+    # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
+    norms = tf.sqrt(tf.maximum(sq_norms, 0.0))
+    factors = tf.cast(clipping.clip_factors(norms, l2_norm_clip), losses.dtype)
+    weighted = [g * tf.reshape(tf.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+                for g in tf.nest.flatten(loss_grads)]
+    grad_sum = tape.gradient(targets, variables, output_gradients=weighted,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    del tape
+    # Embedding gradients come as IndexedSlices; the accumulators expect dense tensors.
+    grad_sum = [tf.convert_to_tensor(g) for g in grad_sum]
+    return grad_sum, norms, losses, y_pred
+
+
+def chunk_grads(model, variables, per_example, unit_size, xc, yc, swc):
+    """Drop-in for ``tan_keras.per_example.tensorflow._chunk_grads`` with ghost clipping.
+
+    Same arguments and returns: ``(summed chunk gradients, loss sum, y_pred,
+    [clipped, norm_sum, count])``. Microbatches (``unit_size > 1``) and
+    Noisy-SGD (no clipping) are delegated to the vectorized ``_chunk_grads``.
+    """
+    if not per_example or unit_size != 1:
+        return vectorized._chunk_grads(model, variables, per_example, unit_size, xc, yc, swc)
+    l2_norm_clip = model.optimizer.l2_norm_clip
+    grads, norms, losses, y_pred = clipped_grad_sum(model, variables, xc, yc, swc, l2_norm_clip)
+    mask = tf.cast(swc != 0, norms.dtype)
+    stats = tf.stack([tf.reduce_sum(mask * tf.cast(norms > l2_norm_clip, mask.dtype)),
+                      tf.reduce_sum(mask * norms), tf.reduce_sum(mask)])
+    return grads, tf.reduce_sum(losses), y_pred, tf.cast(stats, losses.dtype)
+
+
+def clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=None):
+    """Tool/test entry point: ``(clipped grad sum, per-example norms)`` at the model's current weights."""
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    y = tf.nest.map_structure(tf.convert_to_tensor, y) if y is not None else None
+    n = vectorized._leading_dim(x)
+    weights = tf.ones((n,)) if sample_weight is None else tf.convert_to_tensor(sample_weight)
+
+    @tf.function
+    def run(x, y, weights):
+        grad_sum, norms, _, _ = clipped_grad_sum(model, model.trainable_variables, x, y, weights, l2_norm_clip)
+        return grad_sum, norms
+
+    return run(x, y, weights)

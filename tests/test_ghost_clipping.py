@@ -1,0 +1,188 @@
+"""Ghost clipping is exact: its norms and clipped sums equal the vectorized path's.
+
+The reference is ``tan_keras.per_example_gradients`` (vectorized per-example
+gradients of the compiled loss), clipped with ``tan_keras.clipping``. Each
+model is checked with the ghost form and with the explicit form of every
+layer's norm forced (``ghost_norms.norm_mode``), with a clip C at the median
+norm (so some examples are clipped and some are not) and a zero sample weight.
+Runs on the backend named by KERAS_BACKEND.
+"""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+
+import tan_keras
+from models import layers as model_layers
+from tan_keras import clipping, ghost_norms
+
+BACKEND = keras.backend.backend()
+if BACKEND == "jax":
+    import jax
+
+    from tan_keras.per_example import ghost_jax as ghost
+    from tan_keras.per_example import jax as vectorized_backend
+
+    def reference_grads(model, x, y, sample_weight):
+        return jax.jit(lambda x, y, w: tan_keras.per_example_gradients(model, x, y, w))(x, y, sample_weight)
+else:
+    import tensorflow as tf
+
+    from tan_keras.per_example import ghost_tensorflow as ghost
+    from tan_keras.per_example import tensorflow as vectorized_backend
+
+    def reference_grads(model, x, y, sample_weight):
+        return tf.function(lambda x, y, w: tan_keras.per_example_gradients(model, x, y, w))(x, y, sample_weight)
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+N = 6
+
+
+def cnn():
+    """The small CNN: Conv2D (strided, 'same') + GroupNormalization + Dense."""
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(inputs)
+    h = keras.layers.GroupNormalization(groups=2)(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h)), (6, 6, 2)
+
+
+def sequence_model():
+    """Embedding, causal dilated Conv1D, LayerNorm, EinsumDense (matmul and elementwise forms), Dense on positions."""
+    inputs = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(7, 4)(inputs)
+    h = keras.layers.Conv1D(4, 2, padding="causal", dilation_rate=2, activation="relu")(h)
+    h = keras.layers.LayerNormalization()(h)
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(5, 3), bias_axes="d", activation="tanh")(h)
+    h = keras.layers.Dense(3, activation="relu")(h)
+    h = keras.layers.EinsumDense("abc,bc->ab", output_shape=(5,))(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h)), "ids"
+
+
+def ws_conv_model():
+    """NF-ResNet's ScaledWSConv2D (kernel, gain and bias) + LayerNorm over (H, W, C) + Dense."""
+    inputs = keras.Input((5, 5, 2))
+    h = model_layers.ScaledWSConv2D(3, 3, strides=2, padding="valid", gain_init=0.7)(inputs)
+    h = keras.layers.LayerNormalization(axis=(1, 2, 3))(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h)), (5, 5, 2)
+
+
+def data(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    if shape == "ids":
+        x = rng.integers(0, 7, size=(N, 5)).astype("int32")
+        x[0] = [1, 2, 1, 1, 3]  # repeated ids: rows of the embedding gradient add up
+    else:
+        x = rng.normal(size=(N, *shape)).astype("float32")
+    y = rng.integers(0, 3, size=(N,)).astype("int32")
+    w = rng.uniform(0.5, 2.0, size=(N,)).astype("float32")
+    w[-1] = 0.0
+    return x, y, w
+
+
+def build(model_fn, seed=0):
+    keras.utils.set_random_seed(seed)
+    model, shape = model_fn()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    return model, data(shape, seed)
+
+
+def reference(model, x, y, w):
+    grads = reference_grads(model, x, y, w)
+    norms = clipping.global_norms(grads)
+    l2_norm_clip = float(np.median(np.asarray(norms)))
+    clipped = clipping.weighted_sum(grads, clipping.clip_factors(norms, l2_norm_clip))
+    return np.asarray(norms), [np.asarray(g) for g in clipped], l2_norm_clip
+
+
+def assert_ghost_matches_vectorized(model, x, y, w, mode="auto"):
+    norms, clipped, l2_norm_clip = reference(model, x, y, w)
+    with ghost_norms.norm_mode(mode):
+        ghost_sum, ghost_norms_ = ghost.clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=w)
+    np.testing.assert_allclose(np.asarray(ghost_norms_), norms, rtol=2e-4, atol=1e-5)
+    for got, want, v in zip(ghost_sum, clipped, model.trainable_variables):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-5, err_msg=v.path)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "explicit"])
+@pytest.mark.parametrize("model_fn", [cnn, sequence_model, ws_conv_model])
+def test_ghost_norms_and_clipped_sum_equal_vectorized(model_fn, mode):
+    model, (x, y, w) = build(model_fn)
+    assert ghost_norms.ghost_plan(model).reason is None
+    assert_ghost_matches_vectorized(model, x, y, w, mode)
+
+
+def test_zero_weight_example_has_zero_norm():
+    model, (x, y, w) = build(cnn)
+    _, norms = ghost.clipped_grad_sum_of(model, x, y, 1.0, sample_weight=w)
+    assert np.asarray(norms)[-1] == 0.0 and np.all(np.asarray(norms)[:-1] > 0)
+
+
+class Scale(keras.layers.Layer):
+    """``x · s`` with a learnable per-feature scale: a layer no rule knows about."""
+
+    def build(self, input_shape):
+        self.s = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.s
+
+
+def scale_mlp():
+    inputs = keras.Input((4,))
+    h = Scale()(keras.layers.Dense(5, activation="tanh")(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3)(h)), (4,)
+
+
+def test_unknown_trainable_layer_falls_back_to_vectorized_then_registering_a_rule_enables_ghost(caplog):
+    model, (x, y, w) = build(scale_mlp)
+    assert "Scale" in ghost_norms.ghost_plan(model).reason
+    with caplog.at_level(logging.WARNING, logger=ghost_norms.__name__):
+        assert_ghost_matches_vectorized(model, x, y, w)
+    assert "using vectorized" in caplog.text.lower()
+
+    @ghost_norms.register_ghost_norm(Scale)
+    def scale_sq_norms(layer, inputs, output_grad):
+        return ghost_norms.keras.ops.sum(ghost_norms.keras.ops.square(inputs * output_grad), axis=-1)
+
+    try:
+        assert ghost_norms.ghost_plan(model).reason is None
+        assert_ghost_matches_vectorized(model, x, y, w)
+    finally:
+        ghost_norms._RULES.pop(Scale)
+
+
+def test_shared_layer_falls_back_to_vectorized():
+    def shared():
+        inputs = keras.Input((4,))
+        dense = keras.layers.Dense(4, activation="tanh")
+        return keras.Model(inputs, keras.layers.Dense(3)(dense(dense(inputs)))), (4,)
+
+    model, (x, y, w) = build(shared)
+    assert_ghost_matches_vectorized(model, x, y, w)
+
+
+def test_private_fit_with_ghost_clipping_equals_vectorized_fit():
+    """One DP-SGD step (σ=0) through ``fit``, ghost in one chunk and in two: the vectorized step's weights."""
+    def trained(use_ghost, physical_batch_size):
+        keras.utils.set_random_seed(0)
+        model = tan_keras.PrivateSequential(
+            [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)],
+            physical_batch_size=physical_batch_size, clipping="ghost" if use_ghost else "vectorized")
+        model.compile(optimizer=tan_keras.DPSGD(learning_rate=0.5, noise_multiplier=0.0, l2_norm_clip=0.3),
+                      loss=LOSS)
+        x, y, _ = data((4,))
+        history = model.fit(np.concatenate([x, x[:2]]), np.concatenate([y, y[:2]]), batch_size=8,
+                            epochs=1, verbose=0, shuffle=False)
+        return [np.asarray(v) for v in model.get_weights()], history.history
+
+    want_weights, want_logs = trained(False, 4)
+    for physical_batch_size in (None, 4):
+        got_weights, got_logs = trained(True, physical_batch_size)
+        for got, want in zip(got_weights, want_weights):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for name in ("loss", "clip_fraction", "per_example_norm"):
+            np.testing.assert_allclose(got_logs[name], want_logs[name], rtol=1e-4)
