@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers per backend run (CI machines have 2 cores).
+JOBS ?= 2
 
 .PHONY: install test pytest-tf pytest-jax bazel-test demo benchmark clean
 
@@ -21,10 +23,10 @@ install: $(STAMP)
 test: install pytest-tf pytest-jax bazel-test
 
 pytest-tf: install
-	KERAS_BACKEND=tensorflow MPLBACKEND=Agg $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	KERAS_BACKEND=tensorflow MPLBACKEND=Agg $(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS) tests
 
 pytest-jax: install
-	KERAS_BACKEND=jax MPLBACKEND=Agg $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	KERAS_BACKEND=jax MPLBACKEND=Agg $(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS) tests
 
 # Bazel 4.2.3 from Debian; WORKSPACE stubs keep it offline.
 bazel-test: install

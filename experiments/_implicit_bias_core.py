@@ -533,3 +533,22 @@ def simulate_lls_coupled(x, y, *, gamma, sigma, num_chains, iterations, seed=0):
                            jnp.asarray(sigma, jnp.float64), jax.random.PRNGKey(seed), num_chains=int(num_chains),
                            num_blocks=int(iterations) // BLOCK)
         return (dln_recorded_steps(int(iterations)),) + tuple(np.asarray(a) for a in out)
+
+
+def merge_summary(path, summary):
+    """Writes ``summary`` to the JSON at ``path``, merged into what earlier invocations wrote there.
+
+    Figures run by separate invocations share one file; their ``seconds`` timings are merged too.
+    """
+    import json
+    import os
+
+    merged = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = json.load(f)
+    seconds = {**merged.get("seconds", {}), **summary.get("seconds", {})}
+    merged.update(summary)
+    merged["seconds"] = seconds
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1, default=float)

@@ -467,17 +467,7 @@ def run(config):
             job()
             summary["seconds"][key] = time.perf_counter() - start
             logging.info("figure %s done in %.1fs", key, summary["seconds"][key])
-    # Merge into an existing summary so figures run by separate invocations share one file.
-    path = _path(config, "dln_summary.json")
-    merged = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = json.load(f)
-    seconds = {**merged.get("seconds", {}), **summary["seconds"]}
-    merged.update(summary)
-    merged["seconds"] = seconds
-    with open(path, "w") as f:
-        json.dump(merged, f, indent=1, default=float)
+    core.merge_summary(_path(config, "dln_summary.json"), summary)
     return summary
 
 

@@ -251,17 +251,7 @@ def run(config):
             fn(config, summary)
             summary["seconds"][part] = time.perf_counter() - start
             logging.info("%s done in %.1fs", part, summary["seconds"][part])
-    # Merge into an existing summary so parts run by separate invocations share one file.
-    path = os.path.join(config.output_dir, "lls_summary.json")
-    merged = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = json.load(f)
-    seconds = {**merged.get("seconds", {}), **summary["seconds"]}
-    merged.update(summary)
-    merged["seconds"] = seconds
-    with open(path, "w") as f:
-        json.dump(merged, f, indent=1, default=float)
+    core.merge_summary(os.path.join(config.output_dir, "lls_summary.json"), summary)
     return summary
 
 

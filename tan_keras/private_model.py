@@ -119,6 +119,14 @@ class PrivateTrainerMixin:
                 result.pop(name, None)
         return result
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        physical_batch_size = config.pop("physical_batch_size", None)
+        clipping = config.pop("clipping", "vectorized")
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._init_private(physical_batch_size, clipping)
+        return model
+
     def get_config(self):
         config = super().get_config()
         config["physical_batch_size"] = self.physical_batch_size
@@ -138,13 +146,6 @@ class PrivateModel(PrivateTrainerMixin, keras.Model):
         super().__init__(*args, **kwargs)
         self._init_private(physical_batch_size, clipping)
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        physical_batch_size = config.pop("physical_batch_size", None)
-        clipping = config.pop("clipping", "vectorized")
-        model = super().from_config(config, custom_objects=custom_objects)
-        model._init_private(physical_batch_size, clipping)
-        return model
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
@@ -155,13 +156,6 @@ class PrivateSequential(PrivateTrainerMixin, keras.Sequential):
         super().__init__(layers, *args, **kwargs)
         self._init_private(physical_batch_size, clipping)
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        physical_batch_size = config.pop("physical_batch_size", None)
-        clipping = config.pop("clipping", "vectorized")
-        model = super().from_config(config, custom_objects=custom_objects)
-        model._init_private(physical_batch_size, clipping)
-        return model
 
 
 def make_private(model, physical_batch_size=None, clipping="vectorized"):
