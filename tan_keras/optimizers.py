@@ -133,13 +133,13 @@ class _PrivateOptimizerMixin:
         )
         return super().apply(noised, trainable_variables)
 
-    def _privacy_config(self):
-        return {
-            "noise_multiplier": self.noise_multiplier,
-            "num_microbatches": self.num_microbatches,
-            "expected_batch_size": self.expected_batch_size,
-            "seed": self.seed,
-        }
+    def get_config(self):
+        config = super().get_config()
+        config.update(noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
+                      seed=self.seed)
+        if self.requires_per_example:
+            config.update(l2_norm_clip=self.l2_norm_clip, num_microbatches=self.num_microbatches)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
@@ -176,11 +176,6 @@ class DPSGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
         super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
         self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._privacy_config(), l2_norm_clip=self.l2_norm_clip)
-        return config
-
 
 @keras.saving.register_keras_serializable(package="tan_keras")
 class DPAdam(_PrivateOptimizerMixin, keras.optimizers.Adam):
@@ -197,11 +192,6 @@ class DPAdam(_PrivateOptimizerMixin, keras.optimizers.Adam):
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          amsgrad=amsgrad, name=name, **kwargs)
         self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._privacy_config(), l2_norm_clip=self.l2_norm_clip)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
@@ -226,12 +216,6 @@ class NoisySGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
         kwargs.pop("num_microbatches", None)
         super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
         self._init_privacy(noise_multiplier, None, None, expected_batch_size, seed)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._privacy_config())
-        config.pop("num_microbatches")
-        return config
 
 
 def is_private_optimizer(optimizer):
