@@ -102,12 +102,15 @@ def test_wrn_16_4_stages_have_16_64_128_256_channels_and_identity_or_1x1_shortcu
 
 
 def test_wrn_init_is_fan_in_normal_kernels_and_zero_biases():
+    keras.utils.set_random_seed(0)
     model = wrn_16_4()
     for name in ("group3_block2_conv2", "logits"):
         layer = model.get_layer(name)
         kernel = np.asarray(layer.kernel)
         fan_in = math.prod(kernel.shape[:-1])
-        assert kernel.std() == pytest.approx(1 / math.sqrt(fan_in), rel=0.02)
+        # The sample std of n normal draws has relative standard error 1/sqrt(2n)
+        # (1.4% for the 2,560-entry logits kernel): allow 5 standard errors.
+        assert kernel.std() == pytest.approx(1 / math.sqrt(fan_in), rel=5 / math.sqrt(2 * kernel.size))
         assert abs(kernel.mean()) < 0.1 / math.sqrt(fan_in)
         assert np.all(np.asarray(layer.bias) == 0)
 
