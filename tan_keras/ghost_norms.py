@@ -405,6 +405,38 @@ def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
     return total
 
 
+@register_ghost_norm("tan_keras>SkipInitGain")
+def skip_init_gain_sq_norms(layer, inputs, output_grad):
+    """NF-ResNet's ``z = α·s·x`` with a learnable scalar s: ``∇s_i = α Σ g_i ⊙ x_i``."""
+    if not _trainable(layer.skip_gain):
+        return ops.zeros((ops.shape(output_grad)[0],), "float32")
+    dot = ops.sum(ops.reshape(_f32(output_grad) * _f32(inputs), (ops.shape(inputs)[0], -1)), axis=1)
+    return ops.square(layer.alpha * dot)
+
+
+@register_ghost_norm("tan_keras>DiagonalLinearNetwork")
+def diagonal_linear_network_sq_norms(layer, inputs, output_grad):
+    """DLN ``z = <β, x>``: ``∇β_i = g_i x_i``, then the chain rule through β's parametrization.
+
+    ``β = w₊² − w₋²`` gives ``∇w₊ = 2w₊ ⊙ ∇β`` and ``∇w₋ = −2w₋ ⊙ ∇β``;
+    ``β = u ⊙ v`` gives ``∇u = v ⊙ ∇β`` and ``∇v = u ⊙ ∇β``.
+    """
+    x = _positions(_f32(inputs), layer.dim)
+    g = _positions(_f32(output_grad), 1)
+    beta_grad_sq = ops.square(ops.sum(x * g, axis=1))  # (∇β_i)², (B, d)
+    first, second = _f32(layer._first), _f32(layer._second)
+    if layer.parametrization == "w_pm":
+        first_scale, second_scale = 4.0 * ops.square(first), 4.0 * ops.square(second)
+    else:
+        first_scale, second_scale = ops.square(second), ops.square(first)
+    scale = 0.0
+    if _trainable(layer._first):
+        scale = scale + first_scale
+    if _trainable(layer._second):
+        scale = scale + second_scale
+    return ops.sum(beta_grad_sq * scale, axis=1)
+
+
 # --------------------------------------------------------------------------
 # Embedding
 # --------------------------------------------------------------------------
@@ -535,12 +567,41 @@ def log_fallback(model, reason):
 
 @dataclasses.dataclass
 class LayerCall:
-    """One intercepted call: the layer, its rule, its input and its (pre-activation) output."""
+    """One intercepted call: the layer, its rule, its input, its (pre-activation) output, its arguments.
+
+    ``args``/``kwargs`` are what ``layer.call`` received, so that
+    ``pre_activation_output`` can run the call again (book-keeping).
+    """
 
     layer: object
     rule: GhostNormRule
     inputs: object
     output: object
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _activation_off(layer, rule):
+    """Switches off a layer's built-in activation; yields it (or None)."""
+    activation = getattr(layer, rule.activation_attr) if rule.activation_attr else None
+    if activation is not None:
+        object.__setattr__(layer, rule.activation_attr, None)
+    try:
+        yield activation
+    finally:
+        if activation is not None:
+            object.__setattr__(layer, rule.activation_attr, activation)
+
+
+def pre_activation_output(call):
+    """Runs a captured call again: ``z`` as a function of the layer's *current* variable values.
+
+    The backends differentiate it w.r.t. the layer's own weights, with the
+    cotangent ``c ⊙ g`` (see ``layer_clipped_sums``).
+    """
+    with _activation_off(call.layer, call.rule):
+        return call.layer.call(*call.args, **call.kwargs)
 
 
 @contextlib.contextmanager
@@ -561,16 +622,10 @@ def capture(plan, tap):
 
         def call(*args, **kwargs):
             inputs = args[0] if args else kwargs[first_arg]
-            activation = getattr(layer, rule.activation_attr) if rule.activation_attr else None
-            if activation is not None:
-                object.__setattr__(layer, rule.activation_attr, None)
-            try:
+            with _activation_off(layer, rule) as activation:
                 z = original(*args, **kwargs)
-            finally:
-                if activation is not None:
-                    object.__setattr__(layer, rule.activation_attr, activation)
             z = tap(len(calls), z)
-            calls.append(LayerCall(layer, rule, inputs, z))
+            calls.append(LayerCall(layer, rule, inputs, z, args, kwargs))
             return activation(z) if activation is not None else z
 
         return call
@@ -595,3 +650,43 @@ def per_example_sq_norms(calls, output_grads):
         sq = call.rule.sq_norms(call.layer, call.inputs, grad)
         total = sq if total is None else total + sq
     return total
+
+
+def layer_clipped_sums(model, calls, output_grads, factors, layer_vjp):
+    """Book-keeping: ``Σ_i c_i ∇ℓ_i`` assembled layer by layer, with no second backward pass.
+
+    Bu et al., "Differentially Private Optimization on Large Model at Small
+    Cost" (ICML'23). A layer's weights ``W`` reach the loss only through its
+    output ``z``, so
+
+        Σ_i c_i ∇_W ℓ_i = (∂z/∂W)ᵀ (c ⊙ g),      g = ∂(Σ_i ℓ_i)/∂z,
+
+    the layer's own weight-gradient (a ``(c ⊙ a)ᵀ g``-style matmul for
+    Dense/Conv) at the recorded inputs, with the output gradient of the first
+    backward pass scaled per example. Nothing is propagated through the rest of
+    the network again.
+
+    Args:
+      model: the model; gradients are aligned with ``model.trainable_variables``.
+      calls: the captured ``LayerCall`` (each watched layer at most once).
+      output_grads: ``g`` for each call.
+      factors: (B,) clip factors ``c_i``.
+      layer_vjp: backend function ``(call, variables, cotangent) -> grads``:
+        the vector-Jacobian product of ``pre_activation_output(call)`` w.r.t.
+        ``variables`` (the layer's own trainable variables).
+
+    Returns:
+      A list of gradients aligned with ``model.trainable_variables`` (zeros for
+      a variable whose layer was not called).
+    """
+    variables = model.trainable_variables
+    index = {id(v): i for i, v in enumerate(variables)}
+    grads = [None] * len(variables)
+    for call, g in zip(calls, output_grads):
+        own = [v for v in call.layer._trainable_variables if v.trainable and id(v) in index]
+        if not own:
+            continue
+        scale = ops.reshape(ops.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+        for v, grad in zip(own, layer_vjp(call, own, g * scale)):
+            grads[index[id(v)]] = grad
+    return [ops.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, grads)]

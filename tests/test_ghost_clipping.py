@@ -115,6 +115,60 @@ def test_ghost_norms_and_clipped_sum_equal_vectorized(model_fn, mode):
     assert_ghost_matches_vectorized(model, x, y, w, mode)
 
 
+def benchmark_cnn():
+    """``experiments/benchmark.py``'s CNN: strided Conv2D + GroupNorm, twice, then two Dense."""
+    from experiments import benchmark
+
+    return benchmark.build_model("cnn", num_classes=3)
+
+
+def wrn_16_1():
+    """WRN-16 (width 1) at 32×32: the WRN-16-4 graph with a quarter of the channels."""
+    from models import wrn
+
+    return wrn.WideResNet(depth=16, width=1, num_classes=3), (32, 32, 3)
+
+
+def wrn_16_1_ws():
+    """The same WRN with ``gn_relu`` order and scaled weight-standardized convs."""
+    from models import wrn
+
+    return wrn.WideResNet(depth=16, width=1, num_classes=3, order="gn_relu", weight_standardization=True), (32, 32, 3)
+
+
+def nf_resnet_small():
+    """A bottleneck NF-ResNet (one block per stage, narrow): WS convs, SkipInit gains, strided shortcuts."""
+    from models import nf_resnet
+
+    return nf_resnet.NFResNet((1, 1, 1, 1), num_classes=3, input_shape=(16, 16, 3), width_multiplier=0.125,
+                              small_inputs=True), (16, 16, 3)
+
+
+@pytest.mark.parametrize("model_fn", [benchmark_cnn, wrn_16_1, wrn_16_1_ws, nf_resnet_small])
+def test_whole_image_models_ghost_clipped_sum_equals_vectorized(model_fn):
+    model, (x, y, w) = build(model_fn)
+    assert ghost_norms.ghost_plan(model).reason is None
+    assert_ghost_matches_vectorized(model, x, y, w)
+
+
+@pytest.mark.parametrize("parametrization", ["w_pm", "uv"])
+def test_dln_ghost_clipped_sum_equals_vectorized(parametrization):
+    from models import dln
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    model = dln.DiagonalLinearNetwork(7, alpha=rng.uniform(0.1, 1.0, size=7), parametrization=parametrization)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=dln.quarter_squared_error)
+    model.build((None, 7))
+    model.set_weights([w + rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
+    x = rng.normal(size=(N, 7)).astype("float32")
+    y = rng.normal(size=(N, 1)).astype("float32")
+    w = np.ones((N,), "float32")
+    w[-1] = 0.0
+    assert ghost_norms.ghost_plan(model).reason is None
+    assert_ghost_matches_vectorized(model, x, y, w)
+
+
 def test_zero_weight_example_has_zero_norm():
     model, (x, y, w) = build(cnn)
     _, norms = ghost.clipped_grad_sum_of(model, x, y, 1.0, sample_weight=w)

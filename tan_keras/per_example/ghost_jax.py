@@ -1,19 +1,22 @@
-"""JAX backend of ghost clipping: one forward pass, two backward passes, no per-example grads.
+"""JAX backend of ghost clipping: one forward pass, one backward pass, no per-example grads.
 
 ``clipped_grad_sum`` runs the batched model once under ``jax.vjp`` with
-respect to (trainable variables, probes). A probe is a zero input added to the
-pre-activation output ``z`` of each watched layer (``tan_keras.ghost_norms``),
-so the cotangent it receives is ``∂ℓ/∂z``. Then:
+respect to *probes*: a probe is a zero input added to the pre-activation
+output ``z`` of each watched layer (``tan_keras.ghost_norms``), so the
+cotangent it receives is ``∂ℓ/∂z``. Then:
 
 1. ``vjp(1)``: the probes' cotangents are ``∂(Σ_i ℓ_i)/∂z``, whose example-i
    slice is ``g_i = ∂ℓ_i/∂z_i`` (examples do not interact); with the recorded
    layer inputs ``a_i`` they give the per-example norms ``‖∇ℓ_i‖`` (ghost norms)
-   and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``;
-2. ``vjp(c)``: the variables' cotangents are ``∇ Σ_i c_i ℓ_i = Σ_i clip_C(∇ℓ_i)``.
+   and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``. The trainable values are
+   constants of this pass, so it computes no weight gradient;
+2. book-keeping (``ghost_norms.layer_clipped_sums``): each layer's share of
+   ``Σ_i clip_C(∇ℓ_i)`` is the VJP of that layer alone, at its recorded
+   arguments, with cotangent ``c ⊙ g``: the weight-gradient half of a backward
+   pass, without a second pass through the network.
 
-Under ``jit``, XLA drops the half of each backward pass that is not used (the
-weight gradients of pass 1, the probe gradients of pass 2). Models with a
-layer that has no ghost-norm rule use the vectorized path
+Under ``jit``, XLA drops the layer re-calls' unused forward outputs. Models
+with a layer that has no ghost-norm rule use the vectorized path
 (``tan_keras.per_example.jax``), with a logged warning.
 """
 
@@ -107,16 +110,24 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
     probes = [jnp.zeros(s.shape, s.dtype) for s in shapes]
     watched = []
 
-    def losses_fn(trainable, probes):
+    def losses_fn(probes):
+        watched.clear()
         y_pred, new_nt, _, calls = _forward(model, watch, trainable, non_trainable, x,
                                             lambda k, z: z + probes[k])
-        watched[:] = [(call.layer, call.rule) for call in calls]
+        arguments = []
+        for call in calls:
+            leaves, treedef = jax.tree_util.tree_flatten((call.args, call.kwargs))
+            is_array = [isinstance(leaf, jax.Array) for leaf in leaves]
+            watched.append((call.layer, call.rule, treedef, is_array,
+                            [None if a else leaf for a, leaf in zip(is_array, leaves)]))
+            arguments.append([leaf for a, leaf in zip(is_array, leaves) if a])
         losses = per_example_losses(model, trainable, new_nt, metrics_variables, x, y, y_pred, sample_weight)
-        return losses, (y_pred, new_nt, [call.inputs for call in calls])
+        return losses, (y_pred, new_nt, arguments)
 
-    losses, vjp_fn, (y_pred, new_nt, inputs) = jax.vjp(losses_fn, trainable, probes, has_aux=True)
-    _, output_grads = vjp_fn(jnp.ones_like(losses))
-    calls = [ghost_norms.LayerCall(layer, rule, a, None) for (layer, rule), a in zip(watched, inputs)]
+    # Pass 1 only: the trainable values are constants here, so no weight gradient is built.
+    losses, vjp_fn, (y_pred, new_nt, arguments) = jax.vjp(losses_fn, probes, has_aux=True)
+    (output_grads,) = vjp_fn(jnp.ones_like(losses))
+    calls = [_rebuild_call(entry, array_leaves) for entry, array_leaves in zip(watched, arguments)]
     mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables, new_nt))
     with keras.StatelessScope(state_mapping=mapping):
         sq_norms = ghost_norms.per_example_sq_norms(calls, output_grads)
@@ -125,8 +136,28 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
     # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
     norms = jnp.sqrt(jnp.maximum(sq_norms, 0.0))
     factors = clipping.clip_factors(norms, l2_norm_clip)
-    grad_sum, _ = vjp_fn(factors.astype(losses.dtype))
-    return list(grad_sum), norms, losses, y_pred, new_nt
+    values = {id(v): value for v, value in mapping}
+
+    def layer_vjp(call, variables, cotangent):
+        def pre_activation(own_values):
+            with keras.StatelessScope(state_mapping=mapping + list(zip(variables, own_values))):
+                return ghost_norms.pre_activation_output(call)
+
+        z, pullback = jax.vjp(pre_activation, [values[id(v)] for v in variables])
+        return pullback(cotangent.astype(z.dtype))[0]
+
+    grad_sum = ghost_norms.layer_clipped_sums(model, calls, output_grads, factors, layer_vjp)
+    return grad_sum, norms, losses, y_pred, new_nt
+
+
+def _rebuild_call(entry, array_leaves):
+    """A ``LayerCall`` with the traced arrays that came out of ``jax.vjp`` put back in its arguments."""
+    layer, rule, treedef, is_array, static = entry
+    arrays = iter(array_leaves)
+    leaves = [next(arrays) if a else leaf for a, leaf in zip(is_array, static)]
+    args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+    inputs = args[0] if args else kwargs[next(iter(layer._call_signature.parameters))]
+    return ghost_norms.LayerCall(layer, rule, inputs, None, tuple(args), dict(kwargs))
 
 
 def accumulate(model, plan, state, x, y, sample_weight):

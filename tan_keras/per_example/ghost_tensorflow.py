@@ -1,14 +1,17 @@
-"""TensorFlow backend of ghost clipping: one forward pass, two backward passes, no per-example grads.
+"""TensorFlow backend of ghost clipping: one forward pass, one backward pass, no per-example grads.
 
-``clipped_grad_sum`` runs the batched model once under a persistent
-``GradientTape`` with every watched layer's pre-activation output ``z``
-recorded (``tan_keras.ghost_norms.capture``). Then:
+``clipped_grad_sum`` runs the batched model once under a ``GradientTape``
+with every watched layer's pre-activation output ``z`` recorded
+(``tan_keras.ghost_norms.capture``). Then:
 
 1. ``tape.gradient(ŷ, z, output_gradients=∂ℓ/∂ŷ)``: the example-i slice of
    ``∂(Σ_i ℓ_i)/∂z`` is ``g_i = ∂ℓ_i/∂z_i`` (examples do not interact); with
    the recorded layer inputs it gives the per-example norms ``‖∇ℓ_i‖`` (ghost
    norms) and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``;
-2. ``tape.gradient(ŷ, W, output_gradients=c·∂ℓ/∂ŷ) = ∇ Σ_i c_i ℓ_i = Σ_i clip_C(∇ℓ_i)``.
+2. book-keeping (``ghost_norms.layer_clipped_sums``): each layer's share of
+   ``Σ_i clip_C(∇ℓ_i)`` is that layer's own weight gradient at its recorded
+   arguments with output gradient ``c ⊙ g``; nothing is backpropagated
+   through the network a second time.
 
 ``∂ℓ_i/∂ŷ_i`` comes from ``per_example_losses`` (a batch-of-one loss per
 example, as the vectorized path computes it).
@@ -72,7 +75,7 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
     watch = ghost_norms.ghost_plan(model)
     reason = watch.reason
     if reason is None:
-        with tf.GradientTape(persistent=True) as tape:
+        with tf.GradientTape() as tape:
             with ghost_norms.capture(watch, lambda k, z: z) as calls:
                 y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
         reason = ghost_norms.check_calls(watch, calls) or (
@@ -82,24 +85,28 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
         return _vectorized_clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip)
 
     losses, loss_grads = per_example_losses(model, x, y, y_pred, sample_weight)
-    targets = tf.nest.flatten(y_pred)
-    output_grads = tape.gradient(targets, [call.output for call in calls],
+    output_grads = tape.gradient(tf.nest.flatten(y_pred), [call.output for call in calls],
                                  output_gradients=tf.nest.flatten(loss_grads),
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    del tape
     sq_norms = ghost_norms.per_example_sq_norms(calls, output_grads)
     if sq_norms is None:
         sq_norms = tf.zeros_like(losses, tf.float32)
     # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
     norms = tf.sqrt(tf.maximum(sq_norms, 0.0))
-    factors = tf.cast(clipping.clip_factors(norms, l2_norm_clip), losses.dtype)
-    weighted = [g * tf.reshape(tf.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
-                for g in tf.nest.flatten(loss_grads)]
-    grad_sum = tape.gradient(targets, variables, output_gradients=weighted,
-                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    del tape
+    factors = clipping.clip_factors(norms, l2_norm_clip)
+    grad_sum = ghost_norms.layer_clipped_sums(model, calls, output_grads, factors, _layer_vjp)
     # Embedding gradients come as IndexedSlices; the accumulators expect dense tensors.
     grad_sum = [tf.convert_to_tensor(g) for g in grad_sum]
     return grad_sum, norms, losses, y_pred
+
+
+def _layer_vjp(call, variables, cotangent):
+    """``(∂z/∂W)ᵀ cotangent`` for one captured layer call, re-run under its own tape."""
+    with tf.GradientTape() as tape:
+        z = ghost_norms.pre_activation_output(call)
+    return tape.gradient(z, variables, output_gradients=tf.cast(cotangent, z.dtype),
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
 def chunk_grads(model, variables, per_example, unit_size, xc, yc, swc):
