@@ -11,7 +11,7 @@ input and ``g_i = ∂ℓ_i/∂z_i`` (T×p) the output gradient, so
     ‖∇b_i‖²   = ‖Σ_t g_i,t‖²
 
 and the per-layer choice between the two forms is made by cost ("mixed"
-ghost clipping: ghost when ``2T² < d p``). Convolutions are the same matmul
+ghost clipping; ``use_ghost``). Convolutions are the same matmul
 over their unfolded input patches. A train step then needs two backward
 passes of the ordinary batched model: one for the output gradients ``g_i``
 (hence the norms and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``), and one
@@ -56,6 +56,8 @@ from typing import Callable, Optional
 import keras
 from keras import ops
 
+from tan_keras import clipping
+
 _log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------
@@ -79,17 +81,23 @@ class GhostNormRule:
         afterwards.
       unsupported: ``layer -> reason or None`` for configurations the rule
         does not cover (LoRA, quantization, grouped convs, ...).
+      per_example_grads: optional ``(layer, inputs, output_grad) ->
+        [(variable, (B, *variable.shape)), ...] or None``: the per-example
+        gradients themselves when they are the cheaper form (``use_ghost``
+        says no), else None. When given, they serve both the norms and the
+        clipped sum ``Σ_i c_i ∇W_i`` (no weight-gradient pass for the layer).
     """
 
     sq_norms: Callable
     activation_attr: Optional[str] = None
     unsupported: Optional[Callable] = None
+    per_example_grads: Optional[Callable] = None
 
 
 _RULES = {}
 
 
-def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None):
+def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, per_example_grads=None):
     """Decorator registering ``fn(layer, inputs, output_grad) -> (B,)`` for layer classes.
 
     ``layer_types`` are Keras layer classes, or registered Keras names
@@ -103,7 +111,7 @@ def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None):
     """
 
     def decorator(fn):
-        rule = GhostNormRule(fn, activation_attr, unsupported)
+        rule = GhostNormRule(fn, activation_attr, unsupported, per_example_grads)
         for layer_type in layer_types:
             _RULES[layer_type] = rule
         return fn
@@ -145,12 +153,21 @@ def norm_mode(mode):
 
 
 def use_ghost(num_positions, in_dim, out_dim):
-    """Li et al.'s rule: the ghost form iff ``2T² < d·p`` (its T×T Grams beat the d×p gradient)."""
+    """The ghost form iff it takes fewer multiply-adds: ``T²(d+p) < T·d·p``, i.e. ``T(d+p) < d·p``.
+
+    Per example, the ghost form builds two T×T Grams (``T²(d+p)``), the
+    explicit form the d×p gradient (``T·d·p``). When the ghost form wins,
+    ``T < dp/(d+p) < min(d, p)``, so its ``T²`` memory is also below the
+    explicit form's ``d·p``. Li et al.'s memory rule (ghost iff ``2T² < dp``)
+    picks the ghost form for some layers where it is slower: on one H100 at
+    B = 1,024, WRN-16-4's 3×3 128→128 convs at 16×16 (T=256, d=1152, p=128)
+    take 3.2 ms in the ghost form and 2.1 ms explicitly.
+    """
     if _MODE[0] != "auto":
         return _MODE[0] == "ghost"
     if num_positions is None:
         return False
-    return 2 * num_positions * num_positions < in_dim * out_dim
+    return num_positions * (in_dim + out_dim) < in_dim * out_dim
 
 
 # --------------------------------------------------------------------------
@@ -191,7 +208,38 @@ def matmul_grad_sq_norms(a, g):
         gram_a = sum(ops.einsum("btd,bsd->bts", b, b) for b in blocks)
         gram_g = ops.einsum("btp,bsp->bts", g, g)
         return ops.sum(gram_a * gram_g, axis=(1, 2))
-    return sum(_per_example_sum_sq(ops.einsum("btd,btp->bdp", b, g)) for b in blocks)
+    return _per_example_sum_sq(matmul_per_example_grads(blocks, g))
+
+
+def matmul_per_example_grads(a, g):
+    """``a_iᵀ g_i``: (B, d, p) per-example weight gradients of a matmul over T positions.
+
+    ``a`` is (B, T, d) or a list of blocks (B, T, d_j) standing for their
+    concatenation along the last axis (a conv's patches, one block per kernel
+    offset). The blocks are concatenated so that one batched matmul of depth T
+    reads ``g`` once (one matmul per block re-reads it for every offset).
+    """
+    blocks = list(a) if isinstance(a, (list, tuple)) else [a]
+    a = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=-1)
+    return ops.einsum("btd,btp->bdp", a, g)
+
+
+def _sq_norms_from(per_example_grads):
+    """A ``sq_norms`` rule from a ``per_example_grads`` rule that always returns its (small) gradients."""
+
+    def sq_norms(layer, inputs, output_grad):
+        total = ops.zeros((ops.shape(output_grad)[0],), "float32")
+        for _, grads in per_example_grads(layer, inputs, output_grad):
+            total = total + _per_example_sum_sq(grads)
+        return total
+
+    sq_norms.__doc__ = per_example_grads.__doc__
+    return sq_norms
+
+
+def _per_example(variable, grads):
+    """``(variable, grads)`` with ``grads`` reshaped to ``(B, *variable.shape)``."""
+    return variable, ops.reshape(grads, (ops.shape(grads)[0],) + tuple(variable.shape))
 
 
 def _position_sum_sq(g):
@@ -216,7 +264,35 @@ def _no_lora_or_quantization(layer):
 # --------------------------------------------------------------------------
 
 
-@register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization)
+def _matmul_layer_per_example_grads(kernel, bias, a, g, kernel_shape):
+    """``[(kernel, (B, *kernel_shape)), (bias, (B, p))]`` for the trainable ones, or None (ghost cheaper, or T=1).
+
+    With one position the ghost norm is a product of two norms and the clipped
+    sum one matmul, so per-example gradients would only cost memory.
+    """
+    blocks = list(a) if isinstance(a, (list, tuple)) else [a]
+    num_positions, out_dim = g.shape[1], g.shape[2]
+    in_dim = sum(b.shape[2] for b in blocks)
+    if num_positions == 1 or (_trainable(kernel) and use_ghost(num_positions, in_dim, out_dim)):
+        return None
+    pairs = []
+    if _trainable(kernel):
+        grads = matmul_per_example_grads(blocks, g)
+        pairs.append((kernel, ops.reshape(grads, (ops.shape(grads)[0],) + tuple(kernel_shape))))
+    if _trainable(bias):
+        pairs.append((bias, ops.sum(g, axis=1)))
+    return pairs
+
+
+def dense_per_example_grads(layer, inputs, output_grad):
+    """Dense: per-example kernel/bias gradients when the explicit form is the cheaper one."""
+    g = _positions(_f32(output_grad), layer.units)
+    a = _positions(_f32(inputs), layer.kernel.shape[0])
+    return _matmul_layer_per_example_grads(layer.kernel, layer.bias, a, g, layer.kernel.shape)
+
+
+@register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization,
+                     per_example_grads=dense_per_example_grads)
 def dense_sq_norms(layer, inputs, output_grad):
     """Dense on ``(B, ..., d)``: every leading non-batch axis is a position t."""
     g = _positions(_f32(output_grad), layer.units)
@@ -339,27 +415,77 @@ def _conv_unsupported(layer):
     return None
 
 
+def _conv_blocks(layer, inputs):
+    """A Conv1D/Conv2D's input patches, one (B, T, C) block per kernel offset (causal padding applied)."""
+    x = _channels_last(_f32(inputs), layer.data_format)
+    padding = layer.padding
+    if padding == "causal":
+        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+        x = ops.pad(x, [[0, 0], [left, 0], [0, 0]])
+        padding = "valid"
+    return shifted_inputs(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+
+
+def _conv_output_grad(layer, output_grad):
+    return _positions(_channels_last(_f32(output_grad), layer.data_format), layer.filters)
+
+
+def conv_per_example_grads(layer, inputs, output_grad):
+    """Conv1D/Conv2D: per-example kernel/bias gradients when the explicit form is the cheaper one."""
+    bias = layer.bias if layer.use_bias else None
+    return _matmul_layer_per_example_grads(layer.kernel, bias, _conv_blocks(layer, inputs),
+                                           _conv_output_grad(layer, output_grad), layer.kernel.shape)
+
+
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",
-                     unsupported=_conv_unsupported)
+                     unsupported=_conv_unsupported, per_example_grads=conv_per_example_grads)
 def conv_sq_norms(layer, inputs, output_grad):
     """Conv1D/Conv2D: the matmul ``patches_i (T × k·C) @ W (k·C × filters)``, T = output positions."""
-    g = _positions(_channels_last(_f32(output_grad), layer.data_format), layer.filters)
+    g = _conv_output_grad(layer, output_grad)
     total = 0.0
     if _trainable(layer.kernel):
-        x = _channels_last(_f32(inputs), layer.data_format)
-        padding = layer.padding
-        if padding == "causal":
-            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
-            x = ops.pad(x, [[0, 0], [left, 0], [0, 0]])
-            padding = "valid"
-        blocks = shifted_inputs(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
-        total = total + matmul_grad_sq_norms(blocks, g)
+        total = total + matmul_grad_sq_norms(_conv_blocks(layer, inputs), g)
     if layer.use_bias and _trainable(layer.bias):
         total = total + _position_sum_sq(g)
     return total
 
 
-@register_ghost_norm("tan_keras>ScaledWSConv2D")
+def _ws_standardized(layer):
+    """``(u, s)``: the unit-norm centred kernel ``u(W)`` (kernel shape) and the per-channel ``s_o``."""
+    kernel = _f32(layer.kernel)
+    centred = kernel - ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    scale = ops.sqrt(ops.sum(ops.square(centred), axis=(0, 1, 2)) + layer.eps)  # s_o, (filters,)
+    return centred / scale, scale
+
+
+def scaled_ws_conv_per_example_grads(layer, inputs, output_grad):
+    """Per-example ``∇W, ∇γ, ∇b`` of a ScaledWSConv2D when the explicit form is the cheaper one.
+
+    ``G`` = the plain conv gradient (kernel shape) per example, then
+    ``∇γ_o = α_o = ⟨G_o, u_o⟩`` and ``∇W_o = (γ_o/s_o)(G_o - mean(G_o) - α_o u_o)``
+    (see ``scaled_ws_conv_sq_norms``).
+    """
+    g = _positions(_f32(output_grad), layer.filters)
+    blocks = shifted_inputs(_f32(inputs), layer.kernel_size, layer.strides, layer.padding, (1, 1))
+    n = sum(b.shape[2] for b in blocks)
+    if g.shape[1] == 1 or use_ghost(g.shape[1], n, layer.filters):
+        return None
+    u, scale = _ws_standardized(layer)
+    plain = ops.reshape(matmul_per_example_grads(blocks, g), (ops.shape(g)[0],) + tuple(layer.kernel.shape))
+    alpha = ops.sum(plain * u, axis=(1, 2, 3))  # (B, filters)
+    pairs = []
+    if _trainable(layer.kernel):
+        centred = plain - ops.mean(plain, axis=(1, 2, 3), keepdims=True)
+        ratio = _f32(layer.gain) / scale
+        pairs.append((layer.kernel, ratio[None, None, None, None] * (centred - alpha[:, None, None, None] * u)))
+    if _trainable(layer.gain):
+        pairs.append(_per_example(layer.gain, alpha))
+    if layer.bias is not None and _trainable(layer.bias):
+        pairs.append((layer.bias, ops.sum(g, axis=1)))
+    return pairs
+
+
+@register_ghost_norm("tan_keras>ScaledWSConv2D", per_example_grads=scaled_ws_conv_per_example_grads)
 def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
     """NF-ResNet scaled weight-standardized conv, ``z = conv(a, γ·u(W)) + b``.
 
@@ -381,12 +507,10 @@ def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
     g = _positions(_f32(output_grad), layer.filters)
     total = 0.0
     if _trainable(layer.kernel) or _trainable(layer.gain):
-        kernel = _f32(layer.kernel)
-        k, channels = math.prod(layer.kernel_size), kernel.shape[2]
+        k, channels = math.prod(layer.kernel_size), layer.kernel.shape[2]
         n = k * channels
-        centred = kernel - ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
-        scale = ops.sqrt(ops.sum(ops.square(centred), axis=(0, 1, 2)) + layer.eps)  # s_o, (filters,)
-        u = ops.reshape(centred / scale, (k, channels, layer.filters))  # offsets row-major, as the blocks
+        u, scale = _ws_standardized(layer)
+        u = ops.reshape(u, (k, channels, layer.filters))  # offsets row-major, as the blocks
         blocks = shifted_inputs(_f32(inputs), layer.kernel_size, layer.strides, layer.padding, (1, 1))
         patch_u = sum(ops.einsum("btc,co->bto", b, u[j]) for j, b in enumerate(blocks))  # patch_t · u_o
         alpha = ops.sum(patch_u * g, axis=1)  # (B, filters)
@@ -405,17 +529,19 @@ def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
     return total
 
 
-@register_ghost_norm("tan_keras>SkipInitGain")
-def skip_init_gain_sq_norms(layer, inputs, output_grad):
+def skip_init_gain_per_example_grads(layer, inputs, output_grad):
     """NF-ResNet's ``z = α·s·x`` with a learnable scalar s: ``∇s_i = α Σ g_i ⊙ x_i``."""
     if not _trainable(layer.skip_gain):
-        return ops.zeros((ops.shape(output_grad)[0],), "float32")
+        return []
     dot = ops.sum(ops.reshape(_f32(output_grad) * _f32(inputs), (ops.shape(inputs)[0], -1)), axis=1)
-    return ops.square(layer.alpha * dot)
+    return [_per_example(layer.skip_gain, layer.alpha * dot)]
 
 
-@register_ghost_norm("tan_keras>DiagonalLinearNetwork")
-def diagonal_linear_network_sq_norms(layer, inputs, output_grad):
+register_ghost_norm("tan_keras>SkipInitGain", per_example_grads=skip_init_gain_per_example_grads)(
+    _sq_norms_from(skip_init_gain_per_example_grads))
+
+
+def diagonal_linear_network_per_example_grads(layer, inputs, output_grad):
     """DLN ``z = <β, x>``: ``∇β_i = g_i x_i``, then the chain rule through β's parametrization.
 
     ``β = w₊² − w₋²`` gives ``∇w₊ = 2w₊ ⊙ ∇β`` and ``∇w₋ = −2w₋ ⊙ ∇β``;
@@ -423,18 +549,22 @@ def diagonal_linear_network_sq_norms(layer, inputs, output_grad):
     """
     x = _positions(_f32(inputs), layer.dim)
     g = _positions(_f32(output_grad), 1)
-    beta_grad_sq = ops.square(ops.sum(x * g, axis=1))  # (∇β_i)², (B, d)
+    beta_grad = ops.sum(x * g, axis=1)  # (B, d)
     first, second = _f32(layer._first), _f32(layer._second)
     if layer.parametrization == "w_pm":
-        first_scale, second_scale = 4.0 * ops.square(first), 4.0 * ops.square(second)
+        first_scale, second_scale = 2.0 * first, -2.0 * second
     else:
-        first_scale, second_scale = ops.square(second), ops.square(first)
-    scale = 0.0
+        first_scale, second_scale = second, first
+    pairs = []
     if _trainable(layer._first):
-        scale = scale + first_scale
+        pairs.append((layer._first, beta_grad * first_scale))
     if _trainable(layer._second):
-        scale = scale + second_scale
-    return ops.sum(beta_grad_sq * scale, axis=1)
+        pairs.append((layer._second, beta_grad * second_scale))
+    return pairs
+
+
+register_ghost_norm("tan_keras>DiagonalLinearNetwork", per_example_grads=diagonal_linear_network_per_example_grads)(
+    _sq_norms_from(diagonal_linear_network_per_example_grads))
 
 
 # --------------------------------------------------------------------------
@@ -475,29 +605,38 @@ def _normalized(layer, inputs):
         return _f32(type(layer).call(layer, inputs))
 
 
-def _affine_sq_norms(layer, inputs, output_grad, param_axes):
-    """Scale/offset grads ``Σ g ⊙ x̂`` and ``Σ g`` over all non-batch axes outside ``param_axes``."""
+def _affine_per_example_grads(layer, inputs, output_grad, param_axes):
+    """Scale/offset grads ``Σ g ⊙ x̂`` and ``Σ g`` over all non-batch axes outside ``param_axes``.
+
+    They have the size of the layer's parameters per example (B×C for
+    GroupNorm), so they are always formed: the clipped sum is then
+    ``Σ_i c_i ∇γ_i`` with no weight-gradient pass over the activations.
+    """
     g = _f32(output_grad)
     rank = len(g.shape)
     param_axes = {a % rank for a in param_axes}
     reduce = tuple(a for a in range(1, rank) if a not in param_axes)
-    total = 0.0
+    pairs = []
     if _trainable(layer.gamma):
-        total = total + _per_example_sum_sq(ops.sum(g * _normalized(layer, inputs), axis=reduce))
+        pairs.append(_per_example(layer.gamma, ops.sum(g * _normalized(layer, inputs), axis=reduce)))
     if _trainable(layer.beta):
-        total = total + _per_example_sum_sq(ops.sum(g, axis=reduce))
-    return total
+        pairs.append(_per_example(layer.beta, ops.sum(g, axis=reduce)))
+    return pairs
 
 
-@register_ghost_norm(keras.layers.LayerNormalization)
-def layer_norm_sq_norms(layer, inputs, output_grad):
+def layer_norm_per_example_grads(layer, inputs, output_grad):
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    return _affine_sq_norms(layer, inputs, output_grad, axes)
+    return _affine_per_example_grads(layer, inputs, output_grad, axes)
 
 
-@register_ghost_norm(keras.layers.GroupNormalization)
-def group_norm_sq_norms(layer, inputs, output_grad):
-    return _affine_sq_norms(layer, inputs, output_grad, [layer.axis])
+def group_norm_per_example_grads(layer, inputs, output_grad):
+    return _affine_per_example_grads(layer, inputs, output_grad, [layer.axis])
+
+
+register_ghost_norm(keras.layers.LayerNormalization, per_example_grads=layer_norm_per_example_grads)(
+    _sq_norms_from(layer_norm_per_example_grads))
+register_ghost_norm(keras.layers.GroupNormalization, per_example_grads=group_norm_per_example_grads)(
+    _sq_norms_from(group_norm_per_example_grads))
 
 
 # --------------------------------------------------------------------------
@@ -598,10 +737,11 @@ def pre_activation_output(call):
     """Runs a captured call again: ``z`` as a function of the layer's *current* variable values.
 
     The backends differentiate it w.r.t. the layer's own weights, with the
-    cotangent ``c ⊙ g`` (see ``layer_clipped_sums``).
+    cotangent ``c ⊙ g`` (see ``norms_and_clipped_sum``).
     """
     with _activation_off(call.layer, call.rule):
-        return call.layer.call(*call.args, **call.kwargs)
+        # Through ``__call__``: it sets the layer's autocast scope (mixed precision) as the forward pass did.
+        return call.layer(*call.args, **call.kwargs)
 
 
 @contextlib.contextmanager
@@ -643,50 +783,66 @@ def capture(plan, tap):
                 layer.__dict__["call"] = previous
 
 
-def per_example_sq_norms(calls, output_grads):
-    """``Σ_layers ‖∇_layer ℓ_i‖²``: (B,) squared global norms of the per-example gradients."""
-    total = None
-    for call, grad in zip(calls, output_grads):
-        sq = call.rule.sq_norms(call.layer, call.inputs, grad)
-        total = sq if total is None else total + sq
-    return total
+def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, like):
+    """Per-example norms ``‖∇ℓ_i‖`` and the clipped sum ``Σ_i c_i ∇ℓ_i``, layer by layer.
 
+    Norms: ``‖∇ℓ_i‖² = Σ_layers ‖∇_layer ℓ_i‖²``, each term from the rule's
+    ghost norm, or from its per-example gradients where those are the cheaper
+    form (``GhostNormRule.per_example_grads``); ``c_i = min(1, C/‖∇ℓ_i‖)``.
 
-def layer_clipped_sums(model, calls, output_grads, factors, layer_vjp):
-    """Book-keeping: ``Σ_i c_i ∇ℓ_i`` assembled layer by layer, with no second backward pass.
-
-    Bu et al., "Differentially Private Optimization on Large Model at Small
-    Cost" (ICML'23). A layer's weights ``W`` reach the loss only through its
-    output ``z``, so
+    Clipped sum, by book-keeping (Bu et al., "Differentially Private
+    Optimization on Large Model at Small Cost", ICML'23): a layer's weights
+    ``W`` reach the loss only through its output ``z``, so
 
         Σ_i c_i ∇_W ℓ_i = (∂z/∂W)ᵀ (c ⊙ g),      g = ∂(Σ_i ℓ_i)/∂z,
 
-    the layer's own weight-gradient (a ``(c ⊙ a)ᵀ g``-style matmul for
-    Dense/Conv) at the recorded inputs, with the output gradient of the first
-    backward pass scaled per example. Nothing is propagated through the rest of
-    the network again.
+    the layer's own weight gradient at its recorded arguments with the output
+    gradient of the one backward pass scaled per example (``layer_vjp``), or
+    ``Σ_i c_i G_i`` where the per-example gradients ``G_i`` were formed for
+    the norm. Nothing is propagated through the network a second time.
 
     Args:
       model: the model; gradients are aligned with ``model.trainable_variables``.
       calls: the captured ``LayerCall`` (each watched layer at most once).
       output_grads: ``g`` for each call.
-      factors: (B,) clip factors ``c_i``.
+      l2_norm_clip: C.
       layer_vjp: backend function ``(call, variables, cotangent) -> grads``:
         the vector-Jacobian product of ``pre_activation_output(call)`` w.r.t.
-        ``variables`` (the layer's own trainable variables).
+        ``variables`` (some of the layer's own trainable variables).
+      like: a (B,) tensor (the per-example losses) giving the batch size.
 
     Returns:
-      A list of gradients aligned with ``model.trainable_variables`` (zeros for
-      a variable whose layer was not called).
+      ``(grads, norms)``: gradients aligned with ``model.trainable_variables``
+      (zeros for a variable whose layer was not called) and the (B,) norms.
     """
+    sq_norms = ops.zeros_like(like, dtype="float32")
+    explicit = []
+    for call, g in zip(calls, output_grads):
+        rule = call.rule
+        pairs = rule.per_example_grads(call.layer, call.inputs, g) if rule.per_example_grads else None
+        explicit.append(pairs)
+        if pairs is None:
+            sq_norms = sq_norms + rule.sq_norms(call.layer, call.inputs, g)
+        else:
+            for _, grads in pairs:
+                sq_norms = sq_norms + _per_example_sum_sq(grads)
+    # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
+    norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
+    factors = clipping.clip_factors(norms, l2_norm_clip)
+
     variables = model.trainable_variables
     index = {id(v): i for i, v in enumerate(variables)}
-    grads = [None] * len(variables)
-    for call, g in zip(calls, output_grads):
+    out = [None] * len(variables)
+    for call, g, pairs in zip(calls, output_grads, explicit):
         own = [v for v in call.layer._trainable_variables if v.trainable and id(v) in index]
-        if not own:
-            continue
-        scale = ops.reshape(ops.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
-        for v, grad in zip(own, layer_vjp(call, own, g * scale)):
-            grads[index[id(v)]] = grad
-    return [ops.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, grads)]
+        done = set()
+        for v, grads in pairs or ():
+            out[index[id(v)]] = ops.cast(ops.tensordot(factors, grads, axes=1), v.dtype)
+            done.add(id(v))
+        rest = [v for v in own if id(v) not in done]
+        if rest:
+            scale = ops.reshape(ops.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+            for v, grad in zip(rest, layer_vjp(call, rest, g * scale)):
+                out[index[id(v)]] = grad
+    grads = [ops.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, out)]
+    return grads, norms

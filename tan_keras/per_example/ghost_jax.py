@@ -10,10 +10,11 @@ cotangent it receives is ``∂ℓ/∂z``. Then:
    layer inputs ``a_i`` they give the per-example norms ``‖∇ℓ_i‖`` (ghost norms)
    and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``. The trainable values are
    constants of this pass, so it computes no weight gradient;
-2. book-keeping (``ghost_norms.layer_clipped_sums``): each layer's share of
-   ``Σ_i clip_C(∇ℓ_i)`` is the VJP of that layer alone, at its recorded
-   arguments, with cotangent ``c ⊙ g``: the weight-gradient half of a backward
-   pass, without a second pass through the network.
+2. book-keeping (``ghost_norms.norms_and_clipped_sum``): each layer's share
+   of ``Σ_i clip_C(∇ℓ_i)`` is the VJP of that layer alone, at its recorded
+   arguments, with cotangent ``c ⊙ g`` (the weight-gradient half of a
+   backward pass, without a second pass through the network), or
+   ``Σ_i c_i G_i`` where the norm formed the per-example gradients ``G_i``.
 
 Under ``jit``, XLA drops the layer re-calls' unused forward outputs. Models
 with a layer that has no ghost-norm rule use the vectorized path
@@ -129,13 +130,6 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
     (output_grads,) = vjp_fn(jnp.ones_like(losses))
     calls = [_rebuild_call(entry, array_leaves) for entry, array_leaves in zip(watched, arguments)]
     mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables, new_nt))
-    with keras.StatelessScope(state_mapping=mapping):
-        sq_norms = ghost_norms.per_example_sq_norms(calls, output_grads)
-    if sq_norms is None:
-        sq_norms = jnp.zeros(losses.shape, jnp.float32)
-    # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
-    norms = jnp.sqrt(jnp.maximum(sq_norms, 0.0))
-    factors = clipping.clip_factors(norms, l2_norm_clip)
     values = {id(v): value for v, value in mapping}
 
     def layer_vjp(call, variables, cotangent):
@@ -146,7 +140,9 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
         z, pullback = jax.vjp(pre_activation, [values[id(v)] for v in variables])
         return pullback(cotangent.astype(z.dtype))[0]
 
-    grad_sum = ghost_norms.layer_clipped_sums(model, calls, output_grads, factors, layer_vjp)
+    with keras.StatelessScope(state_mapping=mapping):  # the rules read layer weights (GroupNorm, WS conv)
+        grad_sum, norms = ghost_norms.norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip,
+                                                            layer_vjp, losses)
     return grad_sum, norms, losses, y_pred, new_nt
 
 

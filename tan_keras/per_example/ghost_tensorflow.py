@@ -8,10 +8,11 @@ with every watched layer's pre-activation output ``z`` recorded
    ``∂(Σ_i ℓ_i)/∂z`` is ``g_i = ∂ℓ_i/∂z_i`` (examples do not interact); with
    the recorded layer inputs it gives the per-example norms ``‖∇ℓ_i‖`` (ghost
    norms) and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``;
-2. book-keeping (``ghost_norms.layer_clipped_sums``): each layer's share of
-   ``Σ_i clip_C(∇ℓ_i)`` is that layer's own weight gradient at its recorded
-   arguments with output gradient ``c ⊙ g``; nothing is backpropagated
-   through the network a second time.
+2. book-keeping (``ghost_norms.norms_and_clipped_sum``): each layer's share
+   of ``Σ_i clip_C(∇ℓ_i)`` is that layer's own weight gradient at its
+   recorded arguments with output gradient ``c ⊙ g`` (or ``Σ_i c_i G_i``
+   where the norm formed the per-example gradients ``G_i``); nothing is
+   backpropagated through the network a second time.
 
 ``∂ℓ_i/∂ŷ_i`` comes from ``per_example_losses`` (a batch-of-one loss per
 example, as the vectorized path computes it).
@@ -89,13 +90,8 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
                                  output_gradients=tf.nest.flatten(loss_grads),
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
     del tape
-    sq_norms = ghost_norms.per_example_sq_norms(calls, output_grads)
-    if sq_norms is None:
-        sq_norms = tf.zeros_like(losses, tf.float32)
-    # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
-    norms = tf.sqrt(tf.maximum(sq_norms, 0.0))
-    factors = clipping.clip_factors(norms, l2_norm_clip)
-    grad_sum = ghost_norms.layer_clipped_sums(model, calls, output_grads, factors, _layer_vjp)
+    grad_sum, norms = ghost_norms.norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, _layer_vjp,
+                                                        losses)
     # Embedding gradients come as IndexedSlices; the accumulators expect dense tensors.
     grad_sum = [tf.convert_to_tensor(g) for g in grad_sum]
     return grad_sum, norms, losses, y_pred
