@@ -5,7 +5,8 @@
 For each mode (``nonprivate``: Keras SGD; ``vectorized``: DP-SGD with
 vectorized per-example gradients; ``ghost``: DP-SGD with ghost-norm clipping,
 where available) a fresh subprocess builds the model, compiles the train
-step, runs ``--warmup`` steps, then times ``--steps`` steps. Each subprocess
+step, runs ``--warmup`` steps, then times ``--steps`` steps of ``fit`` on one
+repeated host batch (or of a ``train_on_batch`` loop). Each subprocess
 reports examples/s and its peak memory (device peak on GPU via JAX's
 ``memory_stats``, else the process's max RSS), so modes don't share a peak.
 The table ends with the DP/non-private ratios measured in this one run.
@@ -35,6 +36,23 @@ flags.DEFINE_enum("norm_mode", "auto", ["auto", "ghost", "explicit"],
                   "(auto = Li et al.'s cost rule).")
 flags.DEFINE_string("jit_compile", "auto", "compile(jit_compile=...): auto, true or false.")
 flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
+flags.DEFINE_enum("loop", "fit", ["fit", "train_on_batch"],
+                  "How steps are run: `fit` (asynchronous dispatch, as in training) or a "
+                  "`train_on_batch` loop (waits for every step on the host).")
+
+
+def _SameBatch(x, y, steps):
+    """A ``PyDataset`` of ``steps`` batches, all the same host batch (no copies, constant memory)."""
+    import keras
+
+    class SameBatch(keras.utils.PyDataset):
+        def __len__(self):
+            return steps
+
+        def __getitem__(self, index):
+            return x, y
+
+    return SameBatch()
 
 
 def build_model(name, num_classes=10):
@@ -56,6 +74,20 @@ def build_model(name, num_classes=10):
     from models import wrn
 
     return wrn.wrn_16_4(num_classes=num_classes), (32, 32, 3)
+
+
+def _device_name():
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return device.device_kind
+    import platform
+
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
 
 
 def _peak_memory_bytes():
@@ -102,13 +134,21 @@ def run_mode(mode):
     from tan_keras import ghost_norms
 
     with ghost_norms.norm_mode(FLAGS.norm_mode):
-        for _ in range(FLAGS.warmup):
-            model.train_on_batch(x, y)
-        start = time.perf_counter()
-        for _ in range(FLAGS.steps):
-            loss = model.train_on_batch(x, y)
-        float(np.asarray(loss).ravel()[0])  # block until the last step is done
-        elapsed = time.perf_counter() - start
+        if FLAGS.loop == "fit":
+            model.fit(_SameBatch(x, y, FLAGS.warmup), epochs=1, verbose=0)
+            timed = _SameBatch(x, y, FLAGS.steps)
+            start = time.perf_counter()
+            # fit returns after the epoch's logs are read back: the last step is done.
+            model.fit(timed, epochs=1, verbose=0)
+            elapsed = time.perf_counter() - start
+        else:
+            for _ in range(FLAGS.warmup):
+                model.train_on_batch(x, y)
+            start = time.perf_counter()
+            for _ in range(FLAGS.steps):
+                loss = model.train_on_batch(x, y)
+            float(np.asarray(loss).ravel()[0])  # block until the last step is done
+            elapsed = time.perf_counter() - start
     peak, peak_kind = _peak_memory_bytes()
     return {
         "mode": mode,
@@ -119,6 +159,7 @@ def run_mode(mode):
         "peak_memory_mb": peak / 2**20,
         "peak_memory_kind": peak_kind,
         "backend": keras.backend.backend(),
+        "device": _device_name(),
         "params": model.count_params(),
     }
 
@@ -131,7 +172,7 @@ def main(argv):
     results = []
     # absl consumes sys.argv, so forward this run's settings explicitly.
     passthrough = [f"--{name}={FLAGS[name].value}" for name in
-                   ("model", "batch_size", "steps", "warmup", "augmult", "jit_compile", "norm_mode")]
+                   ("model", "batch_size", "steps", "warmup", "augmult", "jit_compile", "norm_mode", "loop")]
     if FLAGS.physical_batch_size:
         passthrough.append(f"--physical_batch_size={FLAGS.physical_batch_size}")
     for mode in FLAGS.modes:
@@ -143,9 +184,10 @@ def main(argv):
         results.append(json.loads(lines[-1][len("RESULT "):]))
     base = next((r for r in results if r["mode"] == "nonprivate" and "examples_per_s" in r), None)
     backend = next((r["backend"] for r in results if "backend" in r), "?")
+    device = next((r["device"] for r in results if "device" in r), "?")
     print(f"model={FLAGS.model} batch={FLAGS.batch_size} augmult={FLAGS.augmult} norm_mode={FLAGS.norm_mode} "
-          f"backend={backend} "
-          f"steps={FLAGS.steps} physical_batch_size={FLAGS.physical_batch_size}")
+          f"backend={backend} device={device!r} "
+          f"steps={FLAGS.steps} loop={FLAGS.loop} physical_batch_size={FLAGS.physical_batch_size}")
     print(f"{'mode':<12}{'examples/s':>12}{'step ms':>10}{'peak MB':>10}{'DP cost ×':>11}")
     for r in results:
         if "skipped" in r:
