@@ -12,17 +12,20 @@ input and ``g_i = ∂ℓ_i/∂z_i`` (T×p) the output gradient, so
 
 and the per-layer choice between the two forms is made by cost ("mixed"
 ghost clipping; ``use_ghost``). Convolutions are the same matmul
-over their unfolded input patches. A train step then needs two backward
-passes of the ordinary batched model: one for the output gradients ``g_i``
-(hence the norms and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``), and one
-for ``∇ Σ_i c_i ℓ_i = Σ_i clip_C(∇ℓ_i)`` with the ``c_i`` held constant.
+over their unfolded input patches. A train step then needs one forward and
+one backward pass of the ordinary batched model, for the output gradients
+``g_i`` (hence the norms and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``);
+the clipped sum ``Σ_i clip_C(∇ℓ_i)`` is assembled layer by layer from the
+recorded ``a`` and ``g`` (book-keeping: ``norms_and_clipped_sum``).
 
 This module is the backend-neutral half (``keras.ops`` only):
 
 * the registry: ``@register_ghost_norm(keras.layers.Dense, ...)`` maps a
   Keras layer class to a function ``(layer, inputs, output_grad) -> (B,)``
   giving the squared per-example norm of the gradient of all the layer's
-  trainable weights (Opacus's ``register_grad_sampler`` pattern);
+  trainable weights (Opacus's ``register_grad_sampler`` pattern), and
+  optionally to a function giving the per-example gradients themselves where
+  they are cheap;
 * ``ghost_plan(model)``: which layers to watch, or why the model must use the
   vectorized per-example path instead;
 * ``capture(...)``: runs the model with every watched layer's call
@@ -42,7 +45,10 @@ The train steps that use them live in ``tan_keras.per_example.ghost_jax`` and
    in the forward pass (no BatchNormalization: ``check_private_layers``) and
    that each watched layer is called once per forward pass (weight sharing
    falls back to the vectorized path). Dropout is allowed, but the masks drawn
-   in a batched pass differ from those of the vectorized path.
+   in a batched pass differ from those of the vectorized path. Book-keeping
+   also needs a layer's weights to reach the loss only through its own call;
+   both backends check it when the step is traced (a layer reading another
+   layer's variables sends the step to the vectorized path).
 """
 
 import contextlib

@@ -240,3 +240,29 @@ def test_private_fit_with_ghost_clipping_equals_vectorized_fit():
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         for name in ("loss", "clip_fraction", "per_example_norm"):
             np.testing.assert_allclose(got_logs[name], want_logs[name], rtol=1e-4)
+
+
+class TiedReadout(keras.layers.Layer):
+    """``h @ Wᵀ`` with ``W`` the kernel of another Dense: weights used outside their own layer's call."""
+
+    def __init__(self, tied, **kwargs):
+        super().__init__(**kwargs)
+        self.tied = tied
+
+    def call(self, inputs):
+        return ghost_norms.keras.ops.matmul(inputs, ghost_norms.keras.ops.transpose(self.tied.kernel))
+
+
+def test_weights_read_by_another_layer_fall_back_to_vectorized(caplog):
+    def tied():
+        inputs = keras.Input((4,))
+        dense = keras.layers.Dense(5, activation="tanh")
+        h = dense(inputs)
+        h = keras.layers.Dense(5, activation="tanh")(h)
+        return keras.Model(inputs, keras.layers.Dense(3)(TiedReadout(dense)(h))), (4,)
+
+    model, (x, y, w) = build(tied)
+    assert ghost_norms.ghost_plan(model).reason is None  # only the traced step can see the tied read
+    with caplog.at_level(logging.WARNING, logger=ghost_norms.__name__):
+        assert_ghost_matches_vectorized(model, x, y, w)
+    assert "outside its own layer's call" in caplog.text
