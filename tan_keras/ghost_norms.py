@@ -47,8 +47,9 @@ The train steps that use them live in ``tan_keras.per_example.ghost_jax`` and
    falls back to the vectorized path). Dropout is allowed, but the masks drawn
    in a batched pass differ from those of the vectorized path. Book-keeping
    also needs a layer's weights to reach the loss only through its own call;
-   both backends check it when the step is traced (a layer reading another
-   layer's variables sends the step to the vectorized path).
+   ``capture(..., foreign_reads=...)`` records any other read when the step is
+   traced (a layer reading another layer's variables sends the step to the
+   vectorized path).
 """
 
 import contextlib
@@ -750,14 +751,59 @@ def pre_activation_output(call):
         return call.layer(*call.args, **call.kwargs)
 
 
+_ACTIVE_CALLS = []  # the watched layers whose call is running, innermost last
+_MISSING = object()
+
+
 @contextlib.contextmanager
-def capture(plan, tap):
+def _foreign_reads(plan, found):
+    """Records in ``found`` every read of a watched layer's weight outside that layer's own call.
+
+    Book-keeping needs each weight to reach the loss through its own layer's
+    output only. Keras reads a variable through its ``value`` property, so
+    the property of the variables' classes is wrapped while the forward pass
+    is traced (trace time only; nothing is added to the compiled step).
+    """
+    owner = {}
+    for layer, _ in plan.layers:
+        for v in layer._trainable_variables:
+            if v.trainable:
+                owner[id(v)] = layer
+    saved = []
+    for cls in {type(v) for layer, _ in plan.layers for v in layer._trainable_variables}:
+        base = next(k for k in cls.__mro__ if "value" in k.__dict__)
+        original = base.__dict__["value"]
+
+        def getter(variable, _original=original):
+            layer = owner.get(id(variable))
+            if layer is not None and (not _ACTIVE_CALLS or _ACTIVE_CALLS[-1] is not layer):
+                where = f"in the call of layer '{_ACTIVE_CALLS[-1].name}'" if _ACTIVE_CALLS else "outside layer calls"
+                found.append(f"weight '{variable.path}' of layer '{layer.name}' is read {where}")
+            return _original.fget(variable)
+
+        saved.append((cls, cls.__dict__.get("value", _MISSING)))
+        cls.value = property(getter)
+    try:
+        yield found
+    finally:
+        for cls, previous in saved:
+            if previous is _MISSING:
+                del cls.value
+            else:
+                cls.value = previous
+
+
+@contextlib.contextmanager
+def capture(plan, tap, foreign_reads=None):
     """Intercepts the watched layers' calls; yields the list of ``LayerCall`` in call order.
 
     ``tap(index, z) -> z'`` receives each pre-activation output; what it returns
     (``z`` itself, or ``z + probe``) continues through the activation and the
     rest of the model. Works for any model whose forward pass calls its layers
     through ``Layer.__call__`` (functional, Sequential, subclassed).
+
+    ``foreign_reads``: a list to which every read of a watched layer's weight
+    outside that layer's own call is appended (a message each), or None.
     """
     calls = []
     patched = []
@@ -768,25 +814,38 @@ def capture(plan, tap):
 
         def call(*args, **kwargs):
             inputs = args[0] if args else kwargs[first_arg]
-            with _activation_off(layer, rule) as activation:
-                z = original(*args, **kwargs)
+            _ACTIVE_CALLS.append(layer)
+            try:
+                with _activation_off(layer, rule) as activation:
+                    z = original(*args, **kwargs)
+            finally:
+                _ACTIVE_CALLS.pop()
             z = tap(len(calls), z)
             calls.append(LayerCall(layer, rule, inputs, z, args, kwargs))
             return activation(z) if activation is not None else z
 
         return call
 
+    reads = _foreign_reads(plan, foreign_reads) if foreign_reads is not None else contextlib.nullcontext()
     try:
         for layer, rule in plan.layers:
             patched.append((layer, layer.__dict__.get("call")))
             layer.__dict__["call"] = wrap(layer, rule)
-        yield calls
+        with reads:
+            yield calls
     finally:
         for layer, previous in patched:
             if previous is None:
                 layer.__dict__.pop("call", None)
             else:
                 layer.__dict__["call"] = previous
+
+
+def foreign_read_reason(found):
+    """The fall-back reason for the reads recorded by ``capture(..., foreign_reads=found)``, or None."""
+    if not found:
+        return None
+    return f"{found[0]} (weights used outside their own layer's call; book-keeping would miss that use)"
 
 
 def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, like):

@@ -24,7 +24,6 @@ with a layer that has no ghost-norm rule use the vectorized path
 import jax
 import jax.numpy as jnp
 import keras
-from jax.extend import core as jax_core
 
 from tan_keras import clipping, ghost_norms
 from tan_keras.per_example import jax as vectorized
@@ -34,8 +33,8 @@ def _call_kwargs(model):
     return {"training": True} if model._call_has_training_arg else {}
 
 
-def _forward(model, watch, trainable, non_trainable, x, tap):
-    with ghost_norms.capture(watch, tap) as calls:
+def _forward(model, watch, trainable, non_trainable, x, tap, foreign_reads=None):
+    with ghost_norms.capture(watch, tap, foreign_reads) as calls:
         y_pred, non_trainable, losses = model.stateless_call(
             trainable, non_trainable, x, return_losses=True, **_call_kwargs(model))
     return y_pred, non_trainable, losses, calls
@@ -50,44 +49,15 @@ def _trace(model, watch, trainable, non_trainable, x):
     found = {}
 
     def fn(trainable, non_trainable, x):
-        _, _, losses, calls = _forward(model, watch, trainable, non_trainable, x, lambda k, z: z)
+        reads = []
+        _, _, losses, calls = _forward(model, watch, trainable, non_trainable, x, lambda k, z: z, reads)
         found["reason"] = ghost_norms.check_calls(watch, calls) or (
-            "the model adds losses in its forward pass (add_loss)" if losses else None)
+            "the model adds losses in its forward pass (add_loss)" if losses else None) or (
+            ghost_norms.foreign_read_reason(reads))
         return [call.output for call in calls]
 
     shapes = jax.eval_shape(fn, *_abstract((trainable, non_trainable, x)))
-    return shapes, found["reason"] or _untracked_weight_use(model, watch, trainable, non_trainable, x)
-
-
-def _untracked_weight_use(model, watch, trainable, non_trainable, x):
-    """Why book-keeping would miss a gradient path, or None (trace-time check, no run-time cost).
-
-    With every watched layer's output cut off (``stop_gradient``), the
-    predictions must no longer depend on any trainable weight: otherwise some
-    weight reaches the loss outside its own layer's call (weights read by
-    another layer), and neither the ghost norm nor the book-kept sum would
-    see that path. The check traces the JVP and follows the tangents.
-    """
-
-    def tangent_out(trainable, tangents, non_trainable, x):
-        def predictions(trainable):
-            y_pred, _, _, _ = _forward(model, watch, trainable, non_trainable, x,
-                                       lambda k, z: jax.lax.stop_gradient(z))
-            return y_pred
-
-        return jax.jvp(predictions, (trainable,), (tangents,))[1]
-
-    closed = jax.make_jaxpr(tangent_out)(*_abstract((trainable, trainable, non_trainable, x)))
-    jaxpr = closed.jaxpr
-    num = len(jax.tree_util.tree_leaves(trainable))
-    live = set(jaxpr.invars[num:2 * num])
-    for eqn in jaxpr.eqns:
-        if any(not isinstance(v, jax_core.Literal) and v in live for v in eqn.invars):
-            live.update(eqn.outvars)
-    if any(not isinstance(v, jax_core.Literal) and v in live for v in jaxpr.outvars):
-        return ("a trainable weight reaches the output outside its own layer's call (e.g. a layer reading "
-                "another layer's weights)")
-    return None
+    return shapes, found["reason"]
 
 
 def per_example_losses(model, trainable, non_trainable, metrics_variables, x, y, y_pred, sample_weight):

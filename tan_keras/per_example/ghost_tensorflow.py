@@ -76,12 +76,13 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
     watch = ghost_norms.ghost_plan(model)
     reason = watch.reason
     if reason is None:
+        reads = []
         with tf.GradientTape() as tape:
-            with ghost_norms.capture(watch, lambda k, z: z) as calls:
+            with ghost_norms.capture(watch, lambda k, z: z, reads) as calls:
                 y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
         reason = ghost_norms.check_calls(watch, calls) or (
             "the model adds losses in its forward pass (add_loss)" if model.losses else None) or (
-            _untracked_weight_use(y_pred, calls, variables))
+            ghost_norms.foreign_read_reason(reads))
     if reason is not None:
         ghost_norms.log_fallback(model, reason)
         return _vectorized_clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip)
@@ -96,25 +97,6 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
     # Embedding gradients come as IndexedSlices; the accumulators expect dense tensors.
     grad_sum = [tf.convert_to_tensor(g) for g in grad_sum]
     return grad_sum, norms, losses, y_pred
-
-
-def _untracked_weight_use(y_pred, calls, variables):
-    """Why book-keeping would miss a gradient path, or None (graph-time check; the ops are pruned).
-
-    With every watched layer's output held fixed (``stop_gradients``), the
-    predictions must no longer depend on any trainable weight: otherwise some
-    weight reaches the loss outside its own layer's call (weights read by
-    another layer), and neither the ghost norm nor the book-kept sum would
-    see that path.
-    """
-    if tf.executing_eagerly():
-        return None  # tf.gradients needs a graph; the compiled train step always has one.
-    handles = [getattr(v, "_value", v) for v in variables]
-    grads = tf.gradients(tf.nest.flatten(y_pred), handles, stop_gradients=[call.output for call in calls])
-    if any(g is not None for g in grads):
-        return ("a trainable weight reaches the output outside its own layer's call (e.g. a layer reading "
-                "another layer's weights)")
-    return None
 
 
 def _layer_vjp(call, variables, cotangent):
