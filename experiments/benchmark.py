@@ -76,30 +76,32 @@ def build_model(name, num_classes=10):
     return wrn.wrn_16_4(num_classes=num_classes), (32, 32, 3)
 
 
-def _device_name():
+def _jax_accelerator():
+    """The JAX backend's first device if it is not the CPU, else None."""
     import keras
 
-    if keras.backend.backend() == "jax":
-        import jax
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
 
-        device = jax.devices()[0]
-        if device.platform != "cpu":
-            return device.device_kind
+    device = jax.devices()[0]
+    return None if device.platform == "cpu" else device
+
+
+def _device_name():
+    device = _jax_accelerator()
+    if device is not None:
+        return device.device_kind
     import platform
 
     return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
 
 
 def _peak_memory_bytes():
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        if device.platform != "cpu":
-            stats = device.memory_stats() or {}
-            return int(stats.get("peak_bytes_in_use", 0)), f"{device.platform} peak_bytes_in_use"
+    device = _jax_accelerator()
+    if device is not None:
+        stats = device.memory_stats() or {}
+        return int(stats.get("peak_bytes_in_use", 0)), f"{device.platform} peak_bytes_in_use"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 

@@ -196,6 +196,11 @@ def _positions(x, last):
     return ops.reshape(x, (ops.shape(x)[0], -1, last))
 
 
+def _as_blocks(a):
+    """A list of (B, T, d_j) blocks from one (B, T, d) tensor or a list of them."""
+    return list(a) if isinstance(a, (list, tuple)) else [a]
+
+
 def matmul_grad_sq_norms(a, g):
     """``‖a_iᵀ g_i‖²_F`` for ``a`` (B, T, d) and ``g`` (B, T, p): per-example norms of a matmul's weight grad.
 
@@ -205,7 +210,7 @@ def matmul_grad_sq_norms(a, g):
     axis (a conv's input patches, one block per kernel offset), which is never
     formed.
     """
-    blocks = list(a) if isinstance(a, (list, tuple)) else [a]
+    blocks = _as_blocks(a)
     num_positions, out_dim = g.shape[1], g.shape[2]
     in_dim = sum(b.shape[2] for b in blocks)
     if num_positions == 1:
@@ -226,7 +231,7 @@ def matmul_per_example_grads(a, g):
     offset). The blocks are concatenated so that one batched matmul of depth T
     reads ``g`` once (one matmul per block re-reads it for every offset).
     """
-    blocks = list(a) if isinstance(a, (list, tuple)) else [a]
+    blocks = _as_blocks(a)
     a = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=-1)
     return ops.einsum("btd,btp->bdp", a, g)
 
@@ -271,21 +276,20 @@ def _no_lora_or_quantization(layer):
 # --------------------------------------------------------------------------
 
 
-def _matmul_layer_per_example_grads(kernel, bias, a, g, kernel_shape):
-    """``[(kernel, (B, *kernel_shape)), (bias, (B, p))]`` for the trainable ones, or None (ghost cheaper, or T=1).
+def _matmul_layer_per_example_grads(kernel, bias, a, g):
+    """``[(kernel, (B, *kernel.shape)), (bias, (B, p))]`` for the trainable ones, or None (ghost cheaper, or T=1).
 
     With one position the ghost norm is a product of two norms and the clipped
     sum one matmul, so per-example gradients would only cost memory.
     """
-    blocks = list(a) if isinstance(a, (list, tuple)) else [a]
+    blocks = _as_blocks(a)
     num_positions, out_dim = g.shape[1], g.shape[2]
     in_dim = sum(b.shape[2] for b in blocks)
     if num_positions == 1 or (_trainable(kernel) and use_ghost(num_positions, in_dim, out_dim)):
         return None
     pairs = []
     if _trainable(kernel):
-        grads = matmul_per_example_grads(blocks, g)
-        pairs.append((kernel, ops.reshape(grads, (ops.shape(grads)[0],) + tuple(kernel_shape))))
+        pairs.append(_per_example(kernel, matmul_per_example_grads(blocks, g)))
     if _trainable(bias):
         pairs.append((bias, ops.sum(g, axis=1)))
     return pairs
@@ -295,7 +299,7 @@ def dense_per_example_grads(layer, inputs, output_grad):
     """Dense: per-example kernel/bias gradients when the explicit form is the cheaper one."""
     g = _positions(_f32(output_grad), layer.units)
     a = _positions(_f32(inputs), layer.kernel.shape[0])
-    return _matmul_layer_per_example_grads(layer.kernel, layer.bias, a, g, layer.kernel.shape)
+    return _matmul_layer_per_example_grads(layer.kernel, layer.bias, a, g)
 
 
 @register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization,
@@ -441,7 +445,7 @@ def conv_per_example_grads(layer, inputs, output_grad):
     """Conv1D/Conv2D: per-example kernel/bias gradients when the explicit form is the cheaper one."""
     bias = layer.bias if layer.use_bias else None
     return _matmul_layer_per_example_grads(layer.kernel, bias, _conv_blocks(layer, inputs),
-                                           _conv_output_grad(layer, output_grad), layer.kernel.shape)
+                                           _conv_output_grad(layer, output_grad))
 
 
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",
@@ -478,7 +482,7 @@ def scaled_ws_conv_per_example_grads(layer, inputs, output_grad):
     if g.shape[1] == 1 or use_ghost(g.shape[1], n, layer.filters):
         return None
     u, scale = _ws_standardized(layer)
-    plain = ops.reshape(matmul_per_example_grads(blocks, g), (ops.shape(g)[0],) + tuple(layer.kernel.shape))
+    _, plain = _per_example(layer.kernel, matmul_per_example_grads(blocks, g))
     alpha = ops.sum(plain * u, axis=(1, 2, 3))  # (B, filters)
     pairs = []
     if _trainable(layer.kernel):
@@ -665,12 +669,17 @@ class GhostPlan:
     reason: Optional[str] = None
 
 
+def _own_trainable_variables(layer, among=None):
+    """The trainable variables a layer owns itself (not its sublayers'), optionally only those with ids in ``among``."""
+    return [v for v in layer._trainable_variables if v.trainable and (among is None or id(v) in among)]
+
+
 def ghost_plan(model):
     """Checks that every trainable weight belongs to a layer with a ghost-norm rule."""
     model_vars = {id(v) for v in model.trainable_variables}
     layers = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
-        own = [v for v in layer._trainable_variables if v.trainable and id(v) in model_vars]
+        own = _own_trainable_variables(layer, model_vars)
         if getattr(layer, "activity_regularizer", None) is not None:
             return GhostPlan((), f"layer '{layer.name}' has an activity regularizer")
         if any(v.regularizer is not None for v in own):
@@ -740,6 +749,11 @@ def _activation_off(layer, rule):
             object.__setattr__(layer, rule.activation_attr, activation)
 
 
+def call_inputs(layer, args, kwargs):
+    """The first argument of ``layer.call`` (its inputs), given positionally or by name."""
+    return args[0] if args else kwargs[next(iter(layer._call_signature.parameters))]
+
+
 def pre_activation_output(call):
     """Runs a captured call again: ``z`` as a function of the layer's *current* variable values.
 
@@ -764,13 +778,10 @@ def _foreign_reads(plan, found):
     the property of the variables' classes is wrapped while the forward pass
     is traced (trace time only; nothing is added to the compiled step).
     """
-    owner = {}
-    for layer, _ in plan.layers:
-        for v in layer._trainable_variables:
-            if v.trainable:
-                owner[id(v)] = layer
+    owned = [(v, layer) for layer, _ in plan.layers for v in _own_trainable_variables(layer)]
+    owner = {id(v): layer for v, layer in owned}
     saved = []
-    for cls in {type(v) for layer, _ in plan.layers for v in layer._trainable_variables}:
+    for cls in {type(v) for v, _ in owned}:
         base = next(k for k in cls.__mro__ if "value" in k.__dict__)
         original = base.__dict__["value"]
 
@@ -810,10 +821,9 @@ def capture(plan, tap, foreign_reads=None):
 
     def wrap(layer, rule):
         original = layer.call
-        first_arg = next(iter(layer._call_signature.parameters))
 
         def call(*args, **kwargs):
-            inputs = args[0] if args else kwargs[first_arg]
+            inputs = call_inputs(layer, args, kwargs)
             _ACTIVE_CALLS.append(layer)
             try:
                 with _activation_off(layer, rule) as activation:
@@ -899,7 +909,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
     index = {id(v): i for i, v in enumerate(variables)}
     out = [None] * len(variables)
     for call, g, pairs in zip(calls, output_grads, explicit):
-        own = [v for v in call.layer._trainable_variables if v.trainable and id(v) in index]
+        own = _own_trainable_variables(call.layer, index)
         done = set()
         for v, grads in pairs or ():
             out[index[id(v)]] = ops.cast(ops.tensordot(factors, grads, axes=1), v.dtype)

@@ -154,8 +154,8 @@ def _rebuild_call(entry, array_leaves):
     arrays = iter(array_leaves)
     leaves = [next(arrays) if a else leaf for a, leaf in zip(is_array, static)]
     args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-    inputs = args[0] if args else kwargs[next(iter(layer._call_signature.parameters))]
-    return ghost_norms.LayerCall(layer, rule, inputs, None, tuple(args), dict(kwargs))
+    return ghost_norms.LayerCall(layer, rule, ghost_norms.call_inputs(layer, args, kwargs), None, tuple(args),
+                                 dict(kwargs))
 
 
 def accumulate(model, plan, state, x, y, sample_weight):
