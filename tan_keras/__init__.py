@@ -4,7 +4,9 @@ Public API:
 
 * optimizers: ``DPSGD``, ``DPAdam``, ``NoisySGD``
 * models: ``PrivateModel``, ``PrivateSequential``, ``make_private``
-* ``per_example_gradients`` (vectorized, for tests and tools)
+* ``per_example_gradients`` (vectorized, for tests and tools);
+  ``check_per_example(model, x, y)``: the train step's clipping against a
+  one-example loop (run it on a new architecture)
 * data path: ``PoissonSampler``, ``private_fit``, ``PrivacyBudget``, ``EMA``,
   ``PrivateCheckpoint``; ``augmult.wrap`` for augmentation multiplicity
 * submodules: ``accounting`` (ε, calibration, ledger) and ``tan`` (TAN
@@ -27,8 +29,10 @@ _EXPORTS = {
     "PrivateModel": "tan_keras.private_model",
     "PrivateSequential": "tan_keras.private_model",
     "make_private": "tan_keras.private_model",
-    "check_private_layers": "tan_keras.private_model",
+    "check_private_layers": "tan_keras.layer_checks",
     "per_example_gradients": "tan_keras.per_example",
+    "check_per_example": "tan_keras.selfcheck",
+    "PerExampleCheckError": "tan_keras.selfcheck",
     "PoissonSampler": "tan_keras.sampling",
     "private_fit": "tan_keras.sampling",
     "PrivacyBudget": "tan_keras.callbacks",
@@ -36,7 +40,7 @@ _EXPORTS = {
     "PrivateCheckpoint": "tan_keras.callbacks",
 }
 _SUBMODULES = ("accounting", "tan", "clipping", "optimizers", "private_model", "per_example", "sampling",
-               "augmult", "callbacks", "ghost_norms")
+               "augmult", "callbacks", "ghost_norms", "selfcheck")
 
 __all__ = sorted(_EXPORTS)
 

@@ -34,20 +34,51 @@ def global_norms(per_unit_grads):
 
 
 def clip_factors(norms, l2_norm_clip):
-    """Factors ``min(1, C/‖g_i‖)`` written as ``C / max(‖g_i‖, C)``.
+    """Factors ``min(1, C/‖g_i‖)`` written as ``C / max(‖g_i‖, C)``; 0 for a non-finite norm.
 
     The second form never divides by zero and gives a clipped norm that is
     ``≤ C`` in floating point. ``C = inf`` means no clipping (factor 1).
+    A unit whose gradient holds a NaN or an infinity (a corrupt input, an
+    overflowing loss) has a non-finite norm and gets factor 0: it contributes
+    nothing, which keeps the sensitivity ≤ C (``weighted_sum`` zeroes its
+    row, since ``0 · NaN = NaN``). The step counts such units in the
+    ``nonfinite_examples`` metric (``unit_stats``).
     """
+    finite = ops.isfinite(norms)
     if math.isinf(l2_norm_clip):
-        return ops.ones_like(norms)
+        return ops.cast(finite, norms.dtype)
     clip = ops.cast(l2_norm_clip, norms.dtype)
-    return clip / ops.maximum(norms, clip)
+    return ops.where(finite, clip / ops.maximum(norms, clip), ops.zeros_like(norms))
+
+
+def zero_rows(x, keep):
+    """``x`` with the rows (leading axis) where ``keep`` is False set to 0 (not multiplied: NaN · 0 = NaN)."""
+    mask = ops.reshape(keep, (-1,) + (1,) * (len(x.shape) - 1))
+    return ops.where(mask, x, ops.zeros_like(x))
 
 
 def weighted_sum(per_unit_grads, weights):
-    """``Σ_i w_i · g_i`` for each parameter: the clipped sum when w = clip factors."""
-    return [ops.tensordot(ops.cast(weights, g.dtype), g, axes=1) for g in per_unit_grads]
+    """``Σ_i w_i · g_i`` for each parameter: the clipped sum when w = clip factors.
+
+    Rows with ``w_i = 0`` are left out entirely, so a non-finite gradient
+    with factor 0 (``clip_factors``) adds exactly nothing.
+    """
+    keep = weights != 0
+    return [ops.tensordot(ops.cast(weights, g.dtype), zero_rows(g, keep), axes=1) for g in per_unit_grads]
+
+
+def unit_stats(norms, unit_mask, l2_norm_clip):
+    """``[clipped, Σ finite norms, units, non-finite units]`` over the real units (``unit_mask`` = 1).
+
+    Summed over chunks by the step; ``clip_fraction = clipped / units`` and
+    ``per_example_norm = Σ norms / (units − non-finite)``.
+    """
+    finite = ops.isfinite(norms)
+    mask = ops.cast(unit_mask, norms.dtype)
+    safe = ops.where(finite, norms, ops.zeros_like(norms))
+    clipped = ops.cast(ops.logical_and(finite, norms > l2_norm_clip), norms.dtype)
+    return ops.stack([ops.sum(mask * clipped), ops.sum(mask * safe), ops.sum(mask),
+                      ops.sum(mask * (1.0 - ops.cast(finite, norms.dtype)))])
 
 
 def group_microbatches(per_example_grads, num_microbatches):
@@ -77,3 +108,22 @@ def microbatch_sensitivity(l2_norm_clip, num_microbatches, batch_size):
     if num_microbatches is None or num_microbatches >= batch_size:
         return l2_norm_clip
     return 2.0 * l2_norm_clip
+
+
+def dp_metric_values(stats, signal_norm, noise_norm):
+    """The step's logged DP values from the summed ``unit_stats`` and the optimizer's norms.
+
+    ``(clip_fraction, per_example_norm, nonfinite_examples, signal_norm,
+    noise_norm)``, in the order of ``PrivateTrainerMixin._dp_metric_names``.
+    """
+    units = ops.maximum(stats[2], 1.0)
+    finite_units = ops.maximum(stats[2] - stats[3], 1.0)
+    return stats[0] / units, stats[1] / finite_units, stats[3], signal_norm, noise_norm
+
+
+NONFINITE_STEP_MESSAGE = (
+    "The DP step produced non-finite weights or noise. This is not one bad example: an example whose "
+    "gradient is NaN/inf contributes zero and is counted in the `nonfinite_examples` metric. Check the "
+    "model's weights before training (a NaN in loaded weights), the learning rate (divergence), and "
+    "`noise_multiplier` / `l2_norm_clip` (finite, C = inf only with σ = 0).")
+

@@ -127,8 +127,12 @@ def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, pe
 
 
 def rule_for(layer):
-    """The rule registered for ``type(layer)`` (exact class, then registered name), or None."""
-    cls = type(layer)
+    """The rule registered for ``type(layer)`` (exact class, then registered name), or None.
+
+    A subclassed model made private in place (``make_private``) is looked up
+    by its own class, not by the ``Private...`` class swapped in.
+    """
+    cls = type(layer).__dict__.get("_private_base", type(layer))
     rule = _RULES.get(cls)
     if rule is None:
         rule = _RULES.get(keras.saving.get_registered_name(cls))
@@ -712,12 +716,17 @@ _LOGGED = set()
 
 
 def log_fallback(model, reason):
-    """Logs once per (model, reason) that ``model`` uses vectorized per-example gradients."""
+    """Logs once per (model, reason) that ``model`` uses vectorized per-example gradients.
+
+    A warning when the user asked for ``clipping="ghost"``; INFO under the
+    default ``clipping="auto"``, for which the fallback is expected behaviour.
+    """
     key = (id(model), reason)
     if key not in _LOGGED:
         _LOGGED.add(key)
-        _log.warning("Ghost clipping is not available for model '%s': %s. Using vectorized "
-                     "per-example gradients instead.", model.name, reason)
+        level = logging.INFO if getattr(model, "clipping", "ghost") == "auto" else logging.WARNING
+        _log.log(level, "Ghost clipping is not available for model '%s': %s. Using vectorized "
+                 "per-example gradients instead.", model.name, reason)
 
 
 @dataclasses.dataclass
@@ -752,6 +761,14 @@ def _activation_off(layer, rule):
 def call_inputs(layer, args, kwargs):
     """The first argument of ``layer.call`` (its inputs), given positionally or by name."""
     return args[0] if args else kwargs[next(iter(layer._call_signature.parameters))]
+
+
+def _drop_examples(call, keep):
+    """``call`` with the rows of its (floating) input zeroed where ``keep`` is False."""
+    inputs = call_inputs(call.layer, call.args, call.kwargs)
+    if not (call.args and ops.is_tensor(inputs) and "float" in str(inputs.dtype)):
+        return call
+    return dataclasses.replace(call, args=(clipping.zero_rows(inputs, keep),) + tuple(call.args[1:]))
 
 
 def pre_activation_output(call):
@@ -903,7 +920,8 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                 sq_norms = sq_norms + _per_example_sum_sq(grads)
     # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
     norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
-    factors = clipping.clip_factors(norms, l2_norm_clip)
+    factors = clipping.clip_factors(norms, l2_norm_clip)  # 0 for a non-finite norm
+    keep = factors != 0
 
     variables = model.trainable_variables
     index = {id(v): i for i, v in enumerate(variables)}
@@ -912,12 +930,15 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
         own = _own_trainable_variables(call.layer, index)
         done = set()
         for v, grads in pairs or ():
-            out[index[id(v)]] = ops.cast(ops.tensordot(factors, grads, axes=1), v.dtype)
+            out[index[id(v)]] = ops.cast(clipping.weighted_sum([grads], factors)[0], v.dtype)
             done.add(id(v))
         rest = [v for v in own if id(v) not in done]
         if rest:
             scale = ops.reshape(ops.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
-            for v, grad in zip(rest, layer_vjp(call, rest, g * scale)):
+            # A dropped example (non-finite gradient) must add exactly 0: its rows of the
+            # cotangent *and* of the layer's input are zeroed (NaN · 0 = NaN in the weight gradient).
+            cotangent = clipping.zero_rows(g * scale, keep)
+            for v, grad in zip(rest, layer_vjp(_drop_examples(call, keep), rest, cotangent)):
                 out[index[id(v)]] = grad
     grads = [ops.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, out)]
     return grads, norms

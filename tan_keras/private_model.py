@@ -19,36 +19,28 @@ import keras
 
 from tan_keras import optimizers as dp_optimizers
 from tan_keras import per_example
+from tan_keras.layer_checks import check_private_layers  # noqa: F401 (public: tan_keras.check_private_layers)
 
-#: Layers that mix information across the examples of a batch. Their per-example
-#: "gradients" depend on the other examples, so clipping bounds nothing.
-_EXAMPLE_MIXING_LAYERS = (keras.layers.BatchNormalization,)
-
+#: ``"auto"`` (the default): ghost clipping (book-keeping) when every trainable
+#: layer has a ghost-norm rule and the model is not an AugMult wrapper, else
+#: vectorized, with the reason logged once (INFO).
 #: ``"vectorized"``: per-example gradients (vmap / vectorized_map), any layer.
 #: ``"ghost"``: per-example norms from layer inputs and output gradients
-#: (``tan_keras.ghost_norms``), then a reweighted backward pass; models with a
-#: layer the registry does not cover fall back to ``"vectorized"``.
-CLIPPING_MODES = ("vectorized", "ghost")
-
-
-def check_private_layers(model):
-    """Raises ValueError if ``model`` holds a layer that mixes examples."""
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, _EXAMPLE_MIXING_LAYERS) or getattr(layer, "mixes_examples", False):
-            raise ValueError(
-                f"Layer '{layer.name}' ({type(layer).__name__}) mixes information across the "
-                "examples of a batch, so per-example gradient clipping cannot bound any one "
-                "example's influence and DP-SGD would not be private. Replace it with "
-                "keras.layers.GroupNormalization (or LayerNormalization), or remove it."
-            )
+#: (``tan_keras.ghost_norms``), then the book-keeping clipped sum; models with
+#: a layer the registry does not cover fall back to ``"vectorized"`` with a
+#: logged warning.
+CLIPPING_MODES = ("auto", "vectorized", "ghost")
 
 
 class PrivateTrainerMixin:
     """Overrides ``compile`` (checks) and ``train_step`` (per-example clipping)."""
 
-    _dp_metric_names = ("clip_fraction", "per_example_norm", "signal_norm", "noise_norm")
+    #: Per step: the fraction of clipped examples, their mean gradient norm, the number of examples
+    #: whose gradient was not finite (dropped: they contribute 0, see ``clipping.clip_factors``),
+    #: and the norms of the summed signal and of the noise (both divided by B).
+    _dp_metric_names = ("clip_fraction", "per_example_norm", "nonfinite_examples", "signal_norm", "noise_norm")
 
-    def _init_private(self, physical_batch_size=None, clipping="vectorized"):
+    def _init_private(self, physical_batch_size=None, clipping="auto"):
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"`clipping` must be one of {CLIPPING_MODES}, got {clipping!r}.")
         self.clipping = clipping
@@ -78,12 +70,15 @@ class PrivateTrainerMixin:
 
     @property
     def uses_ghost_clipping(self):
-        if getattr(self, "clipping", "vectorized") != "ghost":
+        """Whether the step tries ghost clipping (it still falls back per model, see ``ghost_norms.ghost_plan``)."""
+        mode = getattr(self, "clipping", "auto")
+        if mode == "vectorized":
             return False
         if getattr(self, "views_per_example", 1) > 1:
             # AugMult: the inner model sees n·K rows; a view is not a unit of privacy.
-            warnings.warn("Ghost clipping does not group AugMult views; using vectorized per-example "
-                          "gradients, which average the K views before clipping.", stacklevel=2)
+            if mode == "ghost":
+                warnings.warn("Ghost clipping does not group AugMult views; using vectorized per-example "
+                              "gradients, which average the K views before clipping.", stacklevel=2)
             return False
         return True
 
@@ -122,7 +117,7 @@ class PrivateTrainerMixin:
     @classmethod
     def from_config(cls, config, custom_objects=None):
         physical_batch_size = config.pop("physical_batch_size", None)
-        clipping = config.pop("clipping", "vectorized")
+        clipping = config.pop("clipping", "auto")
         model = super().from_config(config, custom_objects=custom_objects)
         model._init_private(physical_batch_size, clipping)
         return model
@@ -142,7 +137,7 @@ class PrivateModel(PrivateTrainerMixin, keras.Model):
     Subclassed: ``class MyNet(tan_keras.PrivateModel): ...``.
     """
 
-    def __init__(self, *args, physical_batch_size=None, clipping="vectorized", **kwargs):
+    def __init__(self, *args, physical_batch_size=None, clipping="auto", **kwargs):
         super().__init__(*args, **kwargs)
         self._init_private(physical_batch_size, clipping)
 
@@ -152,13 +147,13 @@ class PrivateModel(PrivateTrainerMixin, keras.Model):
 class PrivateSequential(PrivateTrainerMixin, keras.Sequential):
     """A ``keras.Sequential`` that trains with DP-SGD under a private optimizer."""
 
-    def __init__(self, layers=None, *args, physical_batch_size=None, clipping="vectorized", **kwargs):
+    def __init__(self, layers=None, *args, physical_batch_size=None, clipping="auto", **kwargs):
         super().__init__(layers, *args, **kwargs)
         self._init_private(physical_batch_size, clipping)
 
 
 
-def make_private(model, physical_batch_size=None, clipping="vectorized"):
+def make_private(model, physical_batch_size=None, clipping="auto"):
     """Returns a private-trainable version of ``model``, sharing its layers and weights.
 
     * ``keras.Sequential`` → ``PrivateSequential`` over the same layers.
@@ -166,6 +161,9 @@ def make_private(model, physical_batch_size=None, clipping="vectorized"):
     * subclassed model → the same object, its class swapped in place for a
       subclass that adds the private ``train_step`` (to save and reload such a
       model, subclass ``tan_keras.PrivateModel`` directly instead).
+
+    A compiled ``model`` gives a private model compiled with the same
+    arguments (the same optimizer object, loss and metrics).
 
     Raises ValueError for layers that mix examples (BatchNormalization).
     """
@@ -187,7 +185,13 @@ def make_private(model, physical_batch_size=None, clipping="vectorized"):
                                physical_batch_size=physical_batch_size, clipping=clipping)
     else:
         cls = type(model)
-        model.__class__ = type(f"Private{cls.__name__}", (PrivateTrainerMixin, cls), {})
+        # ``_private_base`` lets class-keyed registries (ghost-norm rules) see the user's class.
+        model.__class__ = type(f"Private{cls.__name__}", (PrivateTrainerMixin, cls), {"_private_base": cls})
         model._init_private(physical_batch_size, clipping)
+        if getattr(model, "compiled", False):
+            model.compile(**model._compile_config.config)  # re-run: the private checks and DP metrics
         return model
+    if getattr(model, "compiled", False):
+        # Keep the user's compile (same optimizer object, loss and metrics) on the private copy.
+        private.compile(**model._compile_config.config)
     return private

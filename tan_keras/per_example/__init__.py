@@ -35,3 +35,13 @@ def private_train_step(model, *args):
 def per_example_gradients(model, x, y=None, sample_weight=None):
     """Per-example gradients of the compiled loss, as numpy-convertible tensors."""
     return _backend_module().per_example_gradients(model, x, y, sample_weight)
+
+
+def clipped_sum_and_norms(model, x, y, l2_norm_clip, sample_weight=None):
+    """``(Σ_i clip_C(∇ℓ_i), per-example norms)`` by the strategy of the model's train step (ghost or vectorized)."""
+    return _backend_module().clipped_sum_and_norms(model, x, y, l2_norm_clip, sample_weight)
+
+
+def loop_per_example_gradients(model, x, y=None, sample_weight=None):
+    """Reference per-example gradients, one example at a time with the backend's autodiff (numpy lists)."""
+    return _backend_module().loop_per_example_gradients(model, x, y, sample_weight)

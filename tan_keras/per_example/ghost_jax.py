@@ -67,7 +67,7 @@ def per_example_losses(model, trainable, non_trainable, metrics_variables, x, y,
         xi, yi, pi, wi = jax.tree_util.tree_map(lambda a: a[None], (xi, yi, pi, wi))
         loss, _ = model.stateless_compute_loss(
             trainable, non_trainable, metrics_variables, x=xi, y=yi, y_pred=pi, sample_weight=wi, training=True)
-        return loss
+        return vectorized.scalar_loss(loss)
 
     return jax.vmap(one)(x, y, y_pred, sample_weight)
 
@@ -178,12 +178,11 @@ def accumulate(model, plan, state, x, y, sample_weight):
         xc, yc, swc = chunk
         chunk_sum, norms, losses, y_pred, nt = clipped_grad_sum(
             model, trainable, nt, metrics_variables, optimizer_variables, xc, yc, swc, l2_norm_clip)
-        mask = (swc != 0).astype(dtype)
-        stats = jnp.stack([jnp.sum(mask * (norms > l2_norm_clip)), jnp.sum(mask * norms), jnp.sum(mask)])
+        stats = clipping.unit_stats(norms, (swc != 0).astype(dtype), l2_norm_clip)
         grad_sum = [a + b for a, b in zip(grad_sum, chunk_sum)]
         return (grad_sum, loss_sum + jnp.sum(losses), stats_sum + stats.astype(dtype), nt), y_pred
 
-    init = ([jnp.zeros_like(v) for v in trainable], jnp.zeros((), dtype), jnp.zeros((3,), dtype), non_trainable)
+    init = ([jnp.zeros_like(v) for v in trainable], jnp.zeros((), dtype), jnp.zeros((4,), dtype), non_trainable)
     (grad_sum, loss_sum, stats, non_trainable), y_pred = vectorized.scan_chunks(body, init, (xs, ys, sws), plan)
     return grad_sum, loss_sum, y_pred, non_trainable, stats
 

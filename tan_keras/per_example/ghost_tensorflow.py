@@ -18,7 +18,8 @@ with every watched layer's pre-activation output ``z`` recorded
 example, as the vectorized path computes it).
 
 Models with a layer that has no ghost-norm rule use the vectorized path
-(``tan_keras.per_example.tensorflow``), with a logged warning.
+(``tan_keras.per_example.tensorflow``), with a logged warning. The chunk's
+computation runs under XLA (``tan_keras.per_example.tensorflow.compiled``).
 """
 
 import tensorflow as tf
@@ -40,7 +41,7 @@ def per_example_losses(model, x, y, y_pred, sample_weight):
         xi, yi, pi, wi = tf.nest.map_structure(lambda a: a[None], args)
         with tf.GradientTape() as tape:
             tape.watch(pi)
-            loss = model._compute_loss(x=xi, y=yi, y_pred=pi, sample_weight=wi, training=True)
+            loss = vectorized.compute_loss(model, xi, yi, pi, wi)
         grads = tape.gradient(loss, pi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return loss, tf.nest.map_structure(lambda a: a[0], grads)
 
@@ -114,13 +115,12 @@ def chunk_grads(model, variables, per_example, unit_size, xc, yc, swc):
     [clipped, norm_sum, count])``. Microbatches (``unit_size > 1``) and
     Noisy-SGD (no clipping) are delegated to the vectorized ``_chunk_grads``.
     """
-    if not per_example or unit_size != 1:
+    if not per_example or model.optimizer.num_microbatches is not None:
         return vectorized._chunk_grads(model, variables, per_example, unit_size, xc, yc, swc)
     l2_norm_clip = model.optimizer.l2_norm_clip
-    grads, norms, losses, y_pred = clipped_grad_sum(model, variables, xc, yc, swc, l2_norm_clip)
-    mask = tf.cast(swc != 0, norms.dtype)
-    stats = tf.stack([tf.reduce_sum(mask * tf.cast(norms > l2_norm_clip, mask.dtype)),
-                      tf.reduce_sum(mask * norms), tf.reduce_sum(mask)])
+    grads, norms, losses, y_pred = vectorized.compiled(
+        lambda xc, yc, swc: clipped_grad_sum(model, variables, xc, yc, swc, l2_norm_clip))(xc, yc, swc)
+    stats = clipping.unit_stats(norms, tf.cast(swc != 0, norms.dtype), l2_norm_clip)
     return grads, tf.reduce_sum(losses), y_pred, tf.cast(stats, losses.dtype)
 
 
@@ -131,7 +131,7 @@ def clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=None):
     n = vectorized._leading_dim(x)
     weights = tf.ones((n,)) if sample_weight is None else tf.convert_to_tensor(sample_weight)
 
-    @tf.function
+    @vectorized.compiled  # as in the step
     def run(x, y, weights):
         grad_sum, norms, _, _ = clipped_grad_sum(model, model.trainable_variables, x, y, weights, l2_norm_clip)
         return grad_sum, norms

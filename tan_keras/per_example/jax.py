@@ -7,8 +7,10 @@ The step runs inside the ``jax.jit`` that Keras's JAX trainer builds around
 import jax
 import jax.numpy as jnp
 import keras
+import numpy as np
 
 from tan_keras import clipping
+from tan_keras.layer_checks import check_private_layers
 from tan_keras.per_example.plan import make_plan
 
 
@@ -28,13 +30,18 @@ def _pad_chunks(tree, plan):
     return jax.tree_util.tree_map(one, tree)
 
 
+def scalar_loss(loss):
+    """A ``reduction="none"`` loss (TF Privacy's convention) as its mean, which is Keras's default reduction."""
+    return jnp.mean(loss) if jnp.ndim(loss) else loss
+
+
 def _loss_fn(model, metrics_variables, optimizer_variables):
     def loss_fn(trainable, non_trainable, x, y, sample_weight):
         loss, (_, y_pred, non_trainable, _) = model.compute_loss_and_updates(
             trainable, non_trainable, metrics_variables, x, y, sample_weight,
             training=True, optimizer_variables=optimizer_variables,
         )
-        return loss, (y_pred, non_trainable)
+        return scalar_loss(loss), (y_pred, non_trainable)
 
     return loss_fn
 
@@ -57,12 +64,7 @@ def _clipped_chunk(plan, l2_norm_clip, grads, unit_mask):
         grads = clipping.group_microbatches(grads, plan.chunk_size // plan.unit_size)
     norms = clipping.global_norms(grads)
     factors = clipping.clip_factors(norms, l2_norm_clip)
-    stats = jnp.stack([
-        jnp.sum(unit_mask * (norms > l2_norm_clip)),
-        jnp.sum(unit_mask * norms),
-        jnp.sum(unit_mask),
-    ])
-    return clipping.weighted_sum(grads, factors), stats
+    return clipping.weighted_sum(grads, factors), clipping.unit_stats(norms, unit_mask, l2_norm_clip)
 
 
 def _accumulate(model, plan, state, x, y, sample_weight):
@@ -87,12 +89,12 @@ def _accumulate(model, plan, state, x, y, sample_weight):
                 trainable, nt, xc, yc, swc)
             chunk_sum = [g * plan.chunk_size for g in grads]
             loss = mean_loss * plan.chunk_size
-            stats = jnp.zeros((3,), grad_sum[0].dtype)
+            stats = jnp.zeros((4,), grad_sum[0].dtype)
         grad_sum = [a + b for a, b in zip(grad_sum, chunk_sum)]
         return (grad_sum, loss_sum + loss, stats_sum + stats, new_nt), y_pred
 
     init = ([jnp.zeros_like(v) for v in trainable], jnp.zeros((), trainable[0].dtype),
-            jnp.zeros((3,), trainable[0].dtype), non_trainable)
+            jnp.zeros((4,), trainable[0].dtype), non_trainable)
     (grad_sum, loss_sum, stats, non_trainable), y_pred = scan_chunks(body, init, (xs, ys, sws), plan)
     return grad_sum, loss_sum, y_pred, non_trainable, stats
 
@@ -121,9 +123,15 @@ def _updated(variables, values, scope):
     return out
 
 
+def _raise_if_not_finite(finite):
+    if not bool(finite):
+        raise FloatingPointError(clipping.NONFINITE_STEP_MESSAGE)
+
+
 def private_train_step(model, state, data):
     trainable, non_trainable, optimizer_variables, metrics_variables = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    check_private_layers(model)  # at trace time: layers added or built after compile
     batch_size = _leading_dim(x)
     optimizer = model.optimizer
     plan = make_plan(batch_size, optimizer, model.physical_batch_size)
@@ -142,8 +150,9 @@ def private_train_step(model, state, data):
     trainable = _updated(model.trainable_variables, trainable, scope)
     optimizer_variables = _updated(optimizer.variables, optimizer_variables, scope)
 
-    counted = jnp.maximum(stats[2], 1.0)
-    dp_values = (stats[0] / counted, stats[1] / counted, signal_norm, noise_norm)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in trainable] + [jnp.isfinite(noise_norm)]))
+    jax.debug.callback(_raise_if_not_finite, finite)
+    dp_values = clipping.dp_metric_values(stats, signal_norm, noise_norm)
     with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_variables))) as scope:
         # Mean over real examples: zero-weight rows are Poisson padding.
         num_real = jnp.maximum(jnp.sum(weights != 0).astype(loss_sum.dtype), 1.0)
@@ -171,3 +180,41 @@ def per_example_gradients(model, x, y=None, sample_weight=None):
         return _per_example_fn(loss_fn, trainable, non_trainable)(x, y, weights)[0]
 
     return grads_fn(trainable, non_trainable, x, y, weights)
+
+
+def clipped_sum_and_norms(model, x, y, l2_norm_clip, sample_weight=None):
+    """``(Σ_i clip_C(∇ℓ_i), (‖∇ℓ_i‖)_i)`` by the strategy the model's train step uses, jitted as there."""
+    if getattr(model, "uses_ghost_clipping", False):
+        from tan_keras.per_example import ghost_jax
+
+        return ghost_jax.clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=sample_weight)
+    grads = per_example_gradients(model, x, y, sample_weight)
+    norms = clipping.global_norms(grads)
+    return clipping.weighted_sum(grads, clipping.clip_factors(norms, l2_norm_clip)), norms
+
+
+def loop_per_example_gradients(model, x, y=None, sample_weight=None):
+    """Reference: ``∇ℓ_i`` one example at a time, by ``jax.grad`` of a batch-of-one loss (no ``vmap``)."""
+    x, y = jax.tree_util.tree_map(jnp.asarray, (x, y))
+    n = _leading_dim(x)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    metrics_variables = [v.value for v in model.metrics_variables]
+    kwargs = {"training": True} if model._call_has_training_arg else {}
+
+    @jax.jit
+    def grad_one(trainable, xi, yi, wi):
+        def loss(trainable):
+            y_pred, _ = model.stateless_call(trainable, non_trainable, xi, **kwargs)
+            value, _ = model.stateless_compute_loss(trainable, non_trainable, metrics_variables, x=xi, y=yi,
+                                                    y_pred=y_pred, sample_weight=wi, training=True)
+            return scalar_loss(value)
+
+        return jax.grad(loss)(trainable)
+
+    out = []
+    for i in range(n):
+        xi, yi = jax.tree_util.tree_map(lambda a: a[i:i + 1], (x, y))
+        wi = None if sample_weight is None else jnp.asarray(sample_weight)[i:i + 1]
+        out.append([np.asarray(g) for g in grad_one(trainable, xi, yi, wi)])
+    return out

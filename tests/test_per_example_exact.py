@@ -1,0 +1,300 @@
+"""The compiled train step's per-example gradients equal a one-example-at-a-time loop, per layer and per model.
+
+The reference is written here, independent of tan_keras: each example alone
+(a batch of one) through the model and its loss, differentiated by the
+backend's own autodiff (an eager ``tf.GradientTape`` / ``jax.grad``), with no
+``vectorized_map``, ``vmap`` or ghost norm. Against it:
+
+* the vectorized strategy: the per-example gradients of every variable, as the
+  step computes them (``tan_keras.per_example_gradients``: under XLA on TF);
+* the ghost strategy (book-keeping), where every layer has a rule: the
+  per-example norms and the clipped sum ``Σ_i clip_C(∇ℓ_i)``
+  (``tan_keras.per_example.clipped_sum_and_norms``, compiled as in the step).
+
+Two examples have inputs scaled ×30 (gradient norms far above C), and C is the
+median norm, so some examples are clipped and some are not. TensorFlow's
+oneDNN ``BatchMatMulV2`` gave wrong per-example gradients for examples ≥ 3 of
+an EinsumDense under ``vectorized_map`` (``docs/tf_onednn_batch_matmul.md``):
+the batches here have 6 examples, so rows 3–5 are checked.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tan_keras
+from models import dln, layers as model_layers, nf_resnet, wrn
+from tan_keras import ghost_norms
+
+BACKEND = keras.backend.backend()
+N = 6
+MSE = keras.losses.MeanSquaredError()
+XENT = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def loop_grads(model, x, y, loss):
+    """∇ℓ_i for each example alone, by the backend's own autodiff (a list per example of numpy arrays)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        out = []
+        for i in range(len(x)):
+            with tf.GradientTape() as tape:
+                value = keras.ops.mean(loss(y[i:i + 1], model(x[i:i + 1], training=True)))
+            out.append([np.asarray(tf.convert_to_tensor(g)) for g in
+                        tape.gradient(value, model.trainable_variables,
+                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)])
+        return out
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    kwargs = {"training": True} if model._call_has_training_arg else {}
+
+    def one(trainable, xi, yi):
+        y_pred, _ = model.stateless_call(trainable, non_trainable, xi, **kwargs)
+        return keras.ops.mean(loss(yi, y_pred))  # a loss function (not a Loss) gives (1,)
+
+    grad = jax.grad(one)
+    return [[np.asarray(g) for g in grad(trainable, x[i:i + 1], y[i:i + 1])] for i in range(len(x))]
+
+
+def _floats(shape, rng):
+    x = rng.normal(size=(N, *shape)).astype("float32")
+    x[1] *= 30.0
+    x[4] *= 30.0
+    return x
+
+
+def _regression(inputs, outputs, rng):
+    model = keras.Model(inputs, outputs)
+    return model, MSE, rng.normal(size=(N, *outputs.shape[1:])).astype("float32")
+
+
+def dense(rng):
+    inputs = keras.Input((4,))
+    return (*_regression(inputs, keras.layers.Dense(3, activation="tanh")(inputs), rng), _floats((4,), rng))
+
+
+def einsum_dense(rng):
+    inputs = keras.Input((5, 4))
+    out = keras.layers.EinsumDense("abc,cd->abd", output_shape=(5, 3), bias_axes="d")(inputs)
+    return (*_regression(inputs, out, rng), _floats((5, 4), rng))
+
+
+def multi_head_attention(rng):
+    inputs = keras.Input((5, 8))
+    out = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(inputs, inputs)
+    return (*_regression(inputs, out, rng), _floats((5, 8), rng))
+
+
+def conv1d(rng):
+    inputs = keras.Input((8, 3))
+    out = keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2)(inputs)
+    return (*_regression(inputs, out, rng), _floats((8, 3), rng))
+
+
+def conv2d(rng):
+    inputs = keras.Input((6, 6, 2))
+    out = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
+    return (*_regression(inputs, out, rng), _floats((6, 6, 2), rng))
+
+
+def embedding(rng):
+    inputs = keras.Input((5,), dtype="int32")
+    out = keras.layers.Embedding(7, 4)(inputs)
+    x = rng.integers(0, 7, size=(N, 5)).astype("int32")
+    x[0] = [1, 2, 1, 1, 3]  # repeated ids: rows of the embedding gradient add up
+    model, loss, y = _regression(inputs, out, rng)
+    return model, loss, 30.0 * y, x
+
+
+def layer_normalization(rng):
+    inputs = keras.Input((5, 4))
+    out = keras.layers.LayerNormalization()(inputs)
+    return (*_regression(inputs, out, rng), _floats((5, 4), rng))
+
+
+def group_normalization(rng):
+    inputs = keras.Input((4, 4, 4))
+    out = keras.layers.GroupNormalization(groups=2)(inputs)
+    return (*_regression(inputs, out, rng), _floats((4, 4, 4), rng))
+
+
+def ws_conv(rng):
+    inputs = keras.Input((5, 5, 2))
+    out = model_layers.ScaledWSConv2D(3, 3, strides=2, padding="valid", gain_init=0.7)(inputs)
+    return (*_regression(inputs, out, rng), _floats((5, 5, 2), rng))
+
+
+def skip_init(rng):
+    inputs = keras.Input((4,))
+    out = model_layers.SkipInitGain(alpha=0.2, gain_init=0.5)(keras.layers.Dense(3)(inputs))
+    return (*_regression(inputs, out, rng), _floats((4,), rng))
+
+
+def diagonal_linear_network(rng):
+    model = dln.DiagonalLinearNetwork(7, alpha=rng.uniform(0.1, 1.0, size=7))
+    model.build((None, 7))
+    model.set_weights([w + rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
+    return model, dln.quarter_squared_error, rng.normal(size=(N, 1)).astype("float32"), _floats((7,), rng)
+
+
+def wide_resnet(rng):
+    model = wrn.WideResNet(depth=10, width=1, num_classes=3, order="gn_relu", weight_standardization=True)
+    return model, XENT, rng.integers(0, 3, size=(N,)).astype("int32"), _floats((32, 32, 3), rng)
+
+
+def nf_resnet_small(rng):
+    model = nf_resnet.NFResNet((1, 1, 1, 1), num_classes=3, input_shape=(16, 16, 3), width_multiplier=0.125,
+                               small_inputs=True)
+    return model, XENT, rng.integers(0, 3, size=(N,)).astype("int32"), _floats((16, 16, 3), rng)
+
+
+def transformer_block(rng):
+    """Embedding, then self-attention, then LayerNorm (residual), then a GELU MLP (residual), then a head."""
+    inputs = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(11, 8)(inputs)
+    h = keras.layers.LayerNormalization()(h + keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(h, h))
+    mlp = keras.layers.Dense(8)(keras.layers.Dense(16, activation="gelu")(h))
+    h = keras.layers.LayerNormalization()(h + mlp)
+    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(h))
+    x = rng.integers(0, 11, size=(N, 6)).astype("int32")
+    return keras.Model(inputs, out), XENT, rng.integers(0, 3, size=(N,)).astype("int32"), x
+
+
+MODELS = [dense, einsum_dense, multi_head_attention, conv1d, conv2d, embedding, layer_normalization,
+          group_normalization, ws_conv, skip_init, diagonal_linear_network, wide_resnet, nf_resnet_small,
+          transformer_block]
+
+
+def build(model_fn, clipping):
+    keras.utils.set_random_seed(0)
+    model, loss, y, x = model_fn(np.random.default_rng(0))
+    model = tan_keras.make_private(model, clipping=clipping)
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0), loss=loss)
+    return model, loss, x, y
+
+
+def _norms(per_example):
+    return np.array([np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads)) for grads in per_example])
+
+
+@pytest.mark.parametrize("model_fn", MODELS)
+def test_vectorized_step_per_example_gradients_equal_one_example_loop(model_fn):
+    model, loss, x, y = build(model_fn, "vectorized")
+    want = loop_grads(model, x, y, loss)
+    got = [np.asarray(g) for g in tan_keras.per_example_gradients(model, x, y)]
+    for j, variable in enumerate(model.trainable_variables):
+        expected = np.stack([grads[j] for grads in want])
+        scale = max(float(np.max(np.abs(expected))), 1e-3)
+        np.testing.assert_allclose(got[j], expected, rtol=1e-3, atol=1e-4 * scale, err_msg=variable.path)
+
+
+@pytest.mark.parametrize("model_fn", MODELS)
+def test_ghost_step_norms_and_clipped_sum_equal_one_example_loop(model_fn):
+    model, loss, x, y = build(model_fn, "ghost")
+    assert ghost_norms.ghost_plan(model).reason is None
+    want = loop_grads(model, x, y, loss)
+    norms = _norms(want)
+    l2_norm_clip = min(float(np.median(norms)), float(norms.max()) / 20)  # some examples far above C
+    factors = np.minimum(1.0, l2_norm_clip / norms)
+    got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, x, y, l2_norm_clip)
+    np.testing.assert_allclose(np.asarray(got_norms), norms, rtol=1e-3)
+    for j, variable in enumerate(model.trainable_variables):
+        expected = sum(f * grads[j] for f, grads in zip(factors, want))
+        scale = max(float(np.max(np.abs(expected))), 1e-3)
+        np.testing.assert_allclose(np.asarray(got_sum[j]), expected, rtol=1e-3, atol=1e-4 * scale,
+                                   err_msg=variable.path)
+
+
+@pytest.mark.parametrize("model_fn", [einsum_dense, transformer_block, wide_resnet])
+def test_check_per_example_passes_on_the_default_auto_step(model_fn):
+    model, _, x, y = build(model_fn, "auto")
+    report = tan_keras.check_per_example(model, x, y)
+    assert report.strategy == "ghost"
+    assert report.max_norm_error < 1e-3 and report.max_sum_error < 1e-3
+
+
+class CenterOverBatch(keras.layers.Layer):
+    """``t − mean_batch(t)``: weightless, and it mixes the examples of a batch."""
+
+    def call(self, inputs):
+        return inputs - keras.ops.mean(inputs, axis=0, keepdims=True)
+
+
+def test_check_per_example_raises_on_a_batch_mixing_layer_under_ghost_naming_example_and_layer():
+    inputs = keras.Input((4,))
+    h = CenterOverBatch()(keras.layers.Dense(5, name="first_dense")(inputs))
+    model = tan_keras.make_private(keras.Model(inputs, keras.layers.Dense(3, name="head")(h)), clipping="ghost")
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0), loss=MSE)
+    rng = np.random.default_rng(0)
+    x, y = _floats((4,), rng), rng.normal(size=(N, 3)).astype("float32")
+    with pytest.raises(tan_keras.PerExampleCheckError, match=r"Worst example: #\d.*Worst layer.*'(first_dense|head)'"):
+        tan_keras.check_per_example(model, x, y)
+
+
+def test_default_clipping_is_auto_and_picks_ghost_only_when_every_layer_has_a_rule(caplog):
+    assert tan_keras.make_private(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])).clipping == "auto"
+    assert tan_keras.PrivateSequential([keras.Input((3,)), keras.layers.Dense(2)]).clipping == "auto"
+
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.s = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+        def call(self, inputs):
+            return inputs * self.s
+
+    inputs = keras.Input((4,))
+    model = tan_keras.make_private(keras.Model(inputs, keras.layers.Dense(3)(Scale()(inputs))))
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=0.0), loss=MSE)
+    x = np.random.default_rng(0).normal(size=(N, 4)).astype("float32")
+    import logging
+
+    with caplog.at_level(logging.INFO, logger=ghost_norms.__name__):
+        model.fit(x, x[:, :3], batch_size=N, epochs=2, verbose=0)
+    fallbacks = [r for r in caplog.records if "Using vectorized" in r.getMessage()]
+    assert len(fallbacks) == 1 and fallbacks[0].levelno == logging.INFO
+    assert "'scale'" in fallbacks[0].getMessage()
+    tan_keras.check_per_example(model, x, x[:, :3])
+
+
+if BACKEND == "tensorflow":  # JAX always compiles the whole step with XLA
+
+    def _called_functions(nodes):
+        for n in nodes:
+            for key in ("f", "body", "cond", "then_branch", "else_branch"):
+                if key in n.attr and n.attr[key].func.name:
+                    yield n, n.attr[key].func.name
+
+    def _ops_by_compilation(graph_def):
+        """Op types reachable from the step's graph, split into (under XLA, outside XLA)."""
+        library = {f.signature.name: f for f in graph_def.library.function}
+        inside, outside, seen = set(), set(), set()
+
+        def visit(nodes, under_xla):
+            for n in nodes:
+                (inside if under_xla else outside).add(n.op)
+            for n, name in _called_functions(nodes):
+                xla = under_xla or ("_XlaMustCompile" in n.attr and n.attr["_XlaMustCompile"].b)
+                if (name, xla) not in seen and name in library:
+                    seen.add((name, xla))
+                    visit(library[name].node_def, xla)
+
+        visit(graph_def.node, False)
+        return inside, outside
+
+    @pytest.mark.parametrize("clipping", ["vectorized", "ghost"])
+    @pytest.mark.parametrize("physical_batch_size", [None, 3])
+    def test_tensorflow_step_runs_every_batched_matmul_under_xla(clipping, physical_batch_size):
+        """Pins the oneDNN fix on every CPU: no BatchMatMulV2 of the traced TF step runs outside XLA."""
+        import tensorflow as tf
+
+        model, loss, x, y = build(einsum_dense, clipping)
+        model.physical_batch_size = physical_batch_size
+        step = tf.function(model.train_step)
+        graph_def = step.get_concrete_function((tf.constant(x), tf.constant(y))).graph.as_graph_def()
+        inside, outside = _ops_by_compilation(graph_def)
+        assert "BatchMatMulV2" in inside
+        assert "BatchMatMulV2" not in outside
