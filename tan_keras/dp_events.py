@@ -25,8 +25,9 @@ supported ``sampling`` maps to one ``dp_accounting`` event:
     amplification by sampling is known for this scheme** (see
     tensorflow/privacy#483), so it is accounted conservatively: each example
     is used once per epoch, and each epoch is charged as one *un-amplified*
-    ``GaussianDpEvent(σ)``, for ``ceil(S·B/N)`` epochs (a started epoch counts
-    in full), under add/remove-one. The resulting ε is typically one to two
+    ``GaussianDpEvent(σ)``, for ``ceil(S / ceil(N/B))`` epochs (an epoch is
+    ``ceil(N/B)`` steps, the last batch shorter; a started epoch counts in
+    full; :func:`shuffle_epochs`), under add/remove-one. The resulting ε is typically one to two
     orders of magnitude larger than the Poisson ε for the same (B, σ, S):
     if you want the paper's ε, use a Poisson sampler.
 
@@ -197,16 +198,29 @@ def _resolve_sampling(sampling_rate, batch_size, num_examples, sampling):
 
 
 def shuffle_epochs(steps, sampling_rate=None, *, batch_size=None, num_examples=None):
-    """Epochs charged by ``sampling="shuffle"``: ``ceil(S·B/N)`` (= ``ceil(S·q)``).
+    """Epochs charged by ``sampling="shuffle"``: ``ceil(S / ceil(N/B))``.
+
+    A shuffled walk through fixed batches of B takes ``P = ceil(N/B)`` steps
+    per epoch, the last batch shorter when B does not divide N (Keras's
+    ``fit(x, y, batch_size=B)`` and ``PoissonSampler(sampling="shuffle")``
+    both keep it). Each example is in exactly one batch of an epoch, so S steps
+    touch ``ceil(S/P)`` epochs (a started epoch counts in full). For example
+    one epoch of N = 4,000 at B = 256 is 16 steps, charged as one epoch (not
+    ``ceil(16·256/4000) = 2``).
 
     Exact integer arithmetic when ``batch_size`` and ``num_examples`` are
-    given; otherwise ``ceil(S·q)`` with a 1e-9 slack against float error.
+    given; with only ``sampling_rate`` q, ``P = ceil(1/q)`` with a 1e-9 slack
+    against float error (exact for ``q = B/N`` and for the loader's
+    ``q = 1/ceil(N/B)``).
+
+    .. warning:: A pipeline that drops the last partial batch
+       (``drop_remainder=True``) walks ``floor(N/B)`` steps per epoch: account
+       it with ``num_examples = B·floor(N/B)``, or ε is undercounted.
     """
     steps = _check_steps(steps)
     q, b, n = _resolve_sampling(sampling_rate, batch_size, num_examples, "shuffle")
-    if b is not None:
-        return -(-steps * b // n)
-    return max(1, math.ceil(steps * q - 1e-9))
+    steps_per_epoch = -(-n // b) if b is not None else max(1, math.ceil(1.0 / q - 1e-9))
+    return -(-steps // steps_per_epoch)
 
 
 def neighboring_relation(sampling):
