@@ -13,7 +13,7 @@ import warnings
 import keras
 
 from tan_keras import accounting
-from tan_keras.ledger import PrivacyLedger
+from tan_keras.ledger import LedgerRecord, PrivacyLedger
 
 __all__ = ["PrivacyBudget"]
 
@@ -31,9 +31,11 @@ class PrivacyBudget(keras.callbacks.Callback):
       target_epsilon: the budget ε at ``delta``.
       delta: δ (TAN uses ≈ 1/N).
       noise_multiplier: σ; must equal the optimizer's.
-      sampling_rate: q of the sampler feeding ``fit``; defaults to the
-        sampler's (``sampler=`` or the one ``PoissonSampler.configure`` tagged
-        the model with).
+      sampling_rate: q of the data feeding ``fit``, optional: the budget reads
+        it from the sampler (``sampler=`` or the one ``PoissonSampler.configure``
+        tagged the model with), or, for a plain ``fit(x, y, batch_size=B)``,
+        as ``B/N`` from what ``fit`` batches. A ``sampling_rate`` that differs
+        from what the budget sees is refused (ValueError).
       sampling: how batches are drawn (``accounting.SAMPLING_METHODS``). For
         ``"poisson"`` and ``"sampled_without_replacement"`` the run must be fed
         by a ``tan_keras.sampling.PoissonSampler`` of that kind: a plain
@@ -54,8 +56,18 @@ class PrivacyBudget(keras.callbacks.Callback):
     event. ``model.stop_training`` is set after step t when ε(t+1) would exceed
     the target, so the last step taken is the last one within budget.
 
-    ``num_microbatches``: with TF-Privacy-style microbatches the sensitivity
-    is 2C, so the ledger records ``σ/2`` (``accounting.effective_noise_multiplier``).
+    A plain ``fit(x, y, batch_size=B)`` (only ``sampling="shuffle"``) is
+    accounted with the B and N that ``fit`` batches (``N`` after
+    ``validation_split``): epochs of ``ceil(N/B)`` steps, one un-amplified
+    Gaussian each. Its input must be arrays on a tan_keras private model
+    (``PrivateTrainerMixin.fit`` notes B and N; Keras tells callbacks only
+    ``steps`` and ``epochs``); a dataset or generator without a sampler is
+    refused, since its B and N cannot be seen.
+
+    ``num_microbatches``: with TF-Privacy-style microbatches of more than one
+    example the sensitivity is 2C, so the ledger records ``σ/2``; with one
+    example per microbatch (m = B) it records σ
+    (``accounting.effective_noise_multiplier``).
     """
 
     def __init__(self, target_epsilon, delta, noise_multiplier, sampling_rate=None, sampling="poisson",
@@ -136,25 +148,50 @@ class PrivacyBudget(keras.callbacks.Callback):
         if not getattr(optimizer, "requires_per_example", True):
             warnings.warn("NoisySGD does not clip gradients: the ε this callback reports is not a "
                           "differential-privacy guarantee for this run.", stacklevel=3)
-        self._sigma = self.noise_multiplier
-        if getattr(optimizer, "num_microbatches", None) is not None:
-            self._sigma = self.noise_multiplier / 2  # sensitivity 2C: see effective_noise_multiplier
-
         sampler = _sampler_of(model, self.sampler)
         self._batch_size = self._num_examples = None
         if sampler is None:
-            if self.sampling != "shuffle":
-                raise ValueError(
-                    f"PrivacyBudget(sampling={self.sampling!r}) cannot check that fit is fed by a "
-                    f"{self.sampling} sampler. Feed fit with tan_keras.sampling.PoissonSampler(...)"
-                    ".dataset(x, y, steps_per_epoch=..., model=model) (or sampling.private_fit), or pass "
-                    "sampler=. A plain fit(x, y, batch_size=B) walks through shuffled fixed batches: "
-                    "account it with sampling='shuffle' (no amplification, much larger ε).")
-            if self.sampling_rate is None:
-                raise ValueError("Pass `sampling_rate` (q = B/N) to account a run without a sampler.")
-            self._q = self.sampling_rate
-            self._served = None
-            return
+            self._check_fit_feed(model)
+        else:
+            self._check_sampler(model, sampler)
+        num_microbatches = getattr(optimizer, "num_microbatches", None)
+        self._sigma = self.noise_multiplier
+        if num_microbatches is not None:
+            # σ/2 when a microbatch holds more than one example (sensitivity 2C), σ when m = B.
+            self._sigma = accounting.effective_noise_multiplier(self.noise_multiplier, num_microbatches,
+                                                                self._batch_size)
+        if sampler is None:
+            self._check_epoch_continues()
+
+    def _check_fit_feed(self, model):
+        """A fit without a sampler: B and N are what ``fit`` batches (``PrivateTrainerMixin.fit`` notes them)."""
+        if self.sampling != "shuffle":
+            raise ValueError(
+                f"PrivacyBudget(sampling={self.sampling!r}) cannot check that fit is fed by a "
+                f"{self.sampling} sampler. Feed fit with tan_keras.sampling.PoissonSampler(...)"
+                ".dataset(x, y, steps_per_epoch=..., model=model) (or sampling.private_fit), or pass "
+                "sampler=. A plain fit(x, y, batch_size=B) walks through shuffled fixed batches: "
+                "account it with sampling='shuffle' (no amplification, much larger ε).")
+        feed = getattr(model, "_tan_fit_feed", None)
+        if feed is None:
+            raise ValueError(
+                "PrivacyBudget(sampling='shuffle') cannot see the batch size B and the number of examples N "
+                "that this fit walks through (its input is a dataset, a generator or a PyDataset, or the "
+                "model is not a tan_keras private model), so it cannot know the ε of an epoch. Feed fit "
+                "with arrays, fit(x, y, batch_size=B), on a tan_keras.PrivateModel / make_private(model), "
+                "or with tan_keras.sampling.PoissonSampler(N, batch_size=B, sampling='shuffle')"
+                ".dataset(x, y, steps_per_epoch=..., model=model).")
+        b, n = feed
+        if self.sampling_rate is not None and not math.isclose(self.sampling_rate, b / n, rel_tol=1e-9):
+            raise ValueError(
+                f"PrivacyBudget accounts sampling_rate={self.sampling_rate}, but fit walks through batches "
+                f"of B={b} from N={n} examples: q = B/N = {b / n:.6g}. Leave sampling_rate unset (the "
+                "budget reads B and N from fit) or pass q = B/N.")
+        self._q = b / n
+        self._batch_size, self._num_examples = b, n
+        self._served = None
+
+    def _check_sampler(self, model, sampler):
         if sampler.sampling != self.sampling:
             raise ValueError(
                 f"fit is fed by a sampler with sampling={sampler.sampling!r}, but PrivacyBudget accounts "
@@ -166,10 +203,32 @@ class PrivacyBudget(keras.callbacks.Callback):
                 f"q={sampler.sampling_rate}.")
         sampler.check(model)  # expected_batch_size = qN, per-example clipping, chunk sizes
         self._q = sampler.sampling_rate
-        if sampler.sampling == "sampled_without_replacement":
+        if sampler.sampling != "poisson":  # fixed batches of B: account with the integers B and N
             self._batch_size, self._num_examples = sampler.batch_size, sampler.num_examples
         self._sampler = sampler
         self._served = sampler.batches_served
+
+    def _check_epoch_continues(self):
+        """Refuses a plain fit that would restart an epoch the ledger counts as still running.
+
+        The ledger merges consecutive steps of one mechanism and charges
+        ``ceil(S / ceil(N/B))`` shuffle epochs; a new ``fit(x, y)`` starts a new
+        pass over the data, so after a fit that stopped mid-epoch the merged
+        count would miss one epoch.
+        """
+        records = self.ledger.records
+        if not records:
+            return
+        last, per_epoch = records[-1], -(-self._num_examples // self._batch_size)
+        this = LedgerRecord(self._sigma, self._q, 1, **self._event_kwargs())
+        if last.same_mechanism(this) and last.steps % per_epoch:
+            raise ValueError(
+                f"The ledger ends {last.steps % per_epoch} steps into an epoch of {per_epoch} steps "
+                f"(B={self._batch_size}, N={self._num_examples}), and a new fit(x, y) starts a new pass over "
+                "the data, which the 'shuffle' count (one Gaussian per started epoch) would not charge. Run "
+                "whole epochs in each fit (no steps_per_epoch, or steps_per_epoch × epochs a multiple of "
+                f"{per_epoch}), or feed fit with tan_keras.sampling.PoissonSampler(..., sampling='shuffle')"
+                ".dataset(...), whose epochs follow the step count across fits.")
 
     # -- Keras hooks ----------------------------------------------------------------------------
 
