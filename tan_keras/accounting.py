@@ -61,6 +61,7 @@ from tan_keras.dp_events import (  # noqa: F401  (re-exported: tan.py and callba
     _resolve_sampling,
     make_dp_event,
     neighboring_relation,
+    quiet_rdp_convergence_warnings,
     shuffle_epochs,
 )
 from tan_keras.ledger import LedgerRecord, PrivacyLedger  # noqa: F401  (re-exported)
@@ -79,6 +80,7 @@ __all__ = [
     "make_dp_event",
     "neighboring_relation",
     "shuffle_epochs",
+    "quiet_rdp_convergence_warnings",
     "LedgerRecord",
     "PrivacyLedger",
 ]
@@ -185,6 +187,7 @@ def delta_for_epsilon(
 # ---------------------------------------------------------------------------
 
 
+@quiet_rdp_convergence_warnings()
 def calibrate_noise_multiplier(
     target_epsilon,
     steps,
@@ -326,6 +329,7 @@ def _largest_int_ok(ok, lo, hi):
     return lo
 
 
+@quiet_rdp_convergence_warnings()
 def calibrate_steps(
     target_epsilon,
     noise_multiplier,
@@ -376,6 +380,7 @@ def calibrate_steps(
     return _largest_int_ok(ok, lo, hi - 1)
 
 
+@quiet_rdp_convergence_warnings()
 def calibrate_batch_size(
     target_epsilon,
     noise_multiplier,
