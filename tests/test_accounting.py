@@ -394,3 +394,17 @@ bad = sorted(m for m in ("keras", "tensorflow", "jax") if m in sys.modules)
 assert not bad, bad
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.parametrize("module", ["dp_events", "ledger", "accounting"])
+def test_each_accounting_module_imports_on_its_own_without_keras_tensorflow_or_jax(module):
+    # A fresh interpreter per entry point: an import circle would fail from one of them.
+    code = f"""
+import sys, types
+pkg = types.ModuleType("tan_keras"); pkg.__path__ = [{str(REPO / "tan_keras")!r}]
+sys.modules["tan_keras"] = pkg
+import tan_keras.{module}
+bad = sorted(m for m in ("keras", "tensorflow", "jax") if m in sys.modules)
+assert not bad, bad
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
