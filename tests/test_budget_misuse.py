@@ -110,3 +110,14 @@ def test_budget_records_sigma_for_one_example_microbatches_and_sigma_over_two_fo
     (record,) = budget.ledger.records
     assert record.noise_multiplier == recorded_sigma and record.steps == 4
     assert budget.epsilon() == pytest.approx(gaussians_epsilon(recorded_sigma, 1), rel=1e-9)
+
+
+def test_budget_refuses_arrays_fed_to_a_model_configured_with_a_sampler_before_any_step():
+    x, y = data(64)
+    m = model()
+    sampler = tan_keras.PoissonSampler(64, batch_size=16, seed=0)
+    sampler.configure(m)
+    budget = callbacks.PrivacyBudget(50.0, DELTA, 1.0)
+    with pytest.raises(RuntimeError, match="did not come from the sampler the budget accounts .fit was given arrays"):
+        m.fit(x, y, batch_size=16, verbose=0, callbacks=[budget])
+    assert iterations(m) == 0 and budget.ledger.steps == 0

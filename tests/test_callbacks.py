@@ -106,7 +106,7 @@ def test_budget_callback_refuses_a_sampler_or_noise_that_does_not_match():
     with pytest.raises(ValueError, match="sampling='shuffle'.*accounts sampling='poisson'"):
         fit((shuffled.dataset(x, y, steps_per_epoch=2, model=model),), callbacks.PrivacyBudget(10.0, DELTA, SIGMA))
     assert iterations(model) == 0
-    # Configured with a sampler but fed other data: refused after the first step.
+    # Configured with a sampler but fed arrays: refused before the first step.
     with pytest.raises(RuntimeError, match="did not come from the sampler"):
         model.fit(x, y, batch_size=4, verbose=0, callbacks=[callbacks.PrivacyBudget(10.0, DELTA, SIGMA, sampling="shuffle")])
 

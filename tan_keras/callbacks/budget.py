@@ -192,6 +192,10 @@ class PrivacyBudget(keras.callbacks.Callback):
         self._served = None
 
     def _check_sampler(self, model, sampler):
+        if getattr(model, "_tan_fit_feed", None) is not None:  # seen before any step; datasets are checked after one
+            raise RuntimeError(
+                "PrivacyBudget: this fit's batches did not come from the sampler the budget accounts (fit was "
+                "given arrays, which it batches itself). Feed fit with sampler.dataset(...).")
         if sampler.sampling != self.sampling:
             raise ValueError(
                 f"fit is fed by a sampler with sampling={sampler.sampling!r}, but PrivacyBudget accounts "
