@@ -62,7 +62,10 @@ class PrivacyBudget(keras.callbacks.Callback):
     Gaussian each. Its input must be arrays on a tan_keras private model
     (``PrivateTrainerMixin.fit`` notes B and N; Keras tells callbacks only
     ``steps`` and ``epochs``); a dataset or generator without a sampler is
-    refused, since its B and N cannot be seen.
+    refused, since its B and N cannot be seen, and so is a new ``fit`` after
+    one that stopped mid-epoch (it would start a pass the ledger does not
+    charge). Arrays fed to a model configured with a sampler are refused
+    before the first step.
 
     ``num_microbatches``: with TF-Privacy-style microbatches of more than one
     example the sensitivity is 2C, so the ledger records ``σ/2``; with one
