@@ -7,9 +7,12 @@
   test (N_train = 4,000, so δ = 1e-5 < 1/N).
 * ``"digits"``: scikit-learn's 1,797 8×8 digits (8×8×1, pixel values /16);
   a fixed 360 are held out. Tiny: meant for tests.
-* ``"cifar10"`` and ``"imagenet2012"``: through ``tfds.load(..., data_dir=...)``
-  (the data must already be prepared in ``data_dir``; tests use
-  ``tfds.testing.mock_data``). ImageNet images are resized to
+* ``"cifar10"`` and ``"imagenet2012"``: through ``tfds.load(..., data_dir=...,
+  download=False)``: the data must already be prepared in ``data_dir``
+  (``tfds build cifar10 --data_dir=DIR``; ImageNet also needs
+  ``--manual_dir`` with the downloaded archives). Absent data raises
+  :class:`DatasetNotPrepared` with that advice; tests use
+  ``tfds.testing.mock_data``. ImageNet images are resized to
   ``image_size``×``image_size`` (bilinear, aspect ratio not kept).
 
 The splits depend only on ``split_seed``: the same seed gives the same
@@ -18,9 +21,26 @@ train/test partition on every run and backend.
 
 import numpy as np
 
-__all__ = ["DATASETS", "load"]
+__all__ = ["DATASETS", "DatasetNotPrepared", "load"]
 
 DATASETS = ("mnist5k", "digits", "cifar10", "imagenet2012")
+
+_BUILD_HINT = {
+    "cifar10": "tfds build cifar10 --data_dir=DIR",
+    "imagenet2012": "tfds build imagenet2012 --manual_dir=DIR_WITH_THE_IMAGENET_ARCHIVES --data_dir=DIR",
+}
+
+
+class DatasetNotPrepared(FileNotFoundError):
+    """A TFDS dataset is not prepared in the data directory (this module never downloads)."""
+
+    def __init__(self, name, data_dir):
+        where = (f"--data_dir={data_dir}" if data_dir else
+                 "tfds's default data directory ($TFDS_DATA_DIR or ~/tensorflow_datasets; no --data_dir given)")
+        super().__init__(
+            f"the {name} data is absent: tfds found no prepared {name} in {where}. Pass --data_dir=DIR "
+            f"holding a prepared {name}, or prepare it with `{_BUILD_HINT[name]}` (it downloads the data: "
+            "on a machine without network, build it elsewhere and copy DIR).")
 
 
 def _split(x, y, num_test, split_seed):
@@ -49,7 +69,13 @@ def _tfds_arrays(name, split, data_dir, image_size, max_examples):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, shuffle_files=False)
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, shuffle_files=False,
+                       download=False)
+    except AssertionError as e:  # tfds's "Dataset cifar10: could not find data in DIR"
+        if "could not find data" not in str(e):
+            raise
+        raise DatasetNotPrepared(name, data_dir) from None
     if max_examples:
         ds = ds.take(max_examples)
 

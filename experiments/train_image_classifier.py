@@ -333,11 +333,16 @@ def main(argv):
     del argv
     from absl import flags
 
+    from experiments import datasets
+
     f = flags.FLAGS
-    result = run(**{k: getattr(f, k) for k in (
-        "dataset", "data_dir", "image_size", "model", "optimizer", "batch_size", "ref_batch_size", "ref_noise",
-        "ref_steps", "target_epsilon", "delta", "accountant", "l2_norm_clip", "lr", "momentum", "ema_decay",
-        "augmult", "physical_batch_size", "seed", "output_dir", "verbose")})
+    try:
+        result = run(**{k: getattr(f, k) for k in (
+            "dataset", "data_dir", "image_size", "model", "optimizer", "batch_size", "ref_batch_size", "ref_noise",
+            "ref_steps", "target_epsilon", "delta", "accountant", "l2_norm_clip", "lr", "momentum", "ema_decay",
+            "augmult", "physical_batch_size", "seed", "output_dir", "verbose")})
+    except datasets.DatasetNotPrepared as e:  # one line, not a traceback through tfds
+        raise SystemExit(f"experiments.train_image_classifier: error: {e}") from None
     print(json.dumps({k: v for k, v in result.items() if k != "ema_accuracies"}, default=str, indent=1))
 
 

@@ -1,33 +1,14 @@
-"""Privacy accounting for DP-SGD: ε(q, σ, S, δ), calibration and a ledger.
+"""Privacy accounting for DP-SGD: ε(q, σ, S, δ), δ(ε) and calibration of σ, S or B.
 
 A thin, validated wrapper around Google's ``dp_accounting`` (0.6.0). Plain
-Python + numpy: this module imports no Keras, TensorFlow or JAX.
+Python + ``dp_accounting``: this module imports no Keras, TensorFlow or JAX.
 
-One DP-SGD step releases a clipped gradient sum plus Gaussian noise of std
-``σC`` (TAN Eq. 2). Its privacy depends on how the batch was drawn; each
-supported ``sampling`` maps to one ``dp_accounting`` event:
-
-``"poisson"`` (what the paper and Opacus use; TAN §2)
-    Each example joins each step's batch independently with probability
-    ``q`` (expected batch ``B = qN``). Event: ``S × PoissonSampledDpEvent(q,
-    GaussianDpEvent(σ))`` under add/remove-one neighbouring.
-
-``"sampled_without_replacement"``
-    Every step draws a fixed-size batch of ``B`` examples uniformly without
-    replacement from the ``N``. Event: ``S × SampledWithoutReplacementDpEvent(
-    N, B, GaussianDpEvent(σ))`` under *replace-one* neighbouring (the only
-    relation this event is analysed for). Only the RDP accountant supports it.
-
-``"shuffle"`` -- ⚠ NO AMPLIFICATION ⚠
-    Shuffle once per epoch and walk through fixed batches (the usual
-    ``tf.data`` / ``DataLoader(shuffle=True)`` pipeline). **No privacy
-    amplification by sampling is known for this scheme** (see
-    tensorflow/privacy#483), so it is accounted conservatively: each example
-    is used once per epoch, and each epoch is charged as one *un-amplified*
-    ``GaussianDpEvent(σ)``, for ``ceil(S·B/N)`` epochs (a started epoch counts
-    in full), under add/remove-one. The resulting ε is typically one to two
-    orders of magnitude larger than the Poisson ε for the same (B, σ, S):
-    if you want the paper's ε, use a Poisson sampler.
+How each ``sampling`` (``"poisson"``, ``"sampled_without_replacement"``,
+``"shuffle"`` -- ⚠ no amplification ⚠) maps to a ``dp_accounting`` event is
+``tan_keras.dp_events``' docstring; the run's ledger (``LedgerRecord``,
+``PrivacyLedger``) is ``tan_keras.ledger``. Both are re-exported here, so
+``tan_keras.accounting.make_dp_event`` and ``tan_keras.accounting.PrivacyLedger``
+keep working. Import order: ``dp_events`` ← ``ledger`` ← ``accounting``.
 
 Accountants (``accountant=``):
 
@@ -55,14 +36,35 @@ Sampling rate: the API always takes the sampler's *actual* ``q``. Pass
 :func:`sampling_rate_from_loader` for the Opacus loader's different ``q``.
 """
 
-import dataclasses
-import json
 import math
-import numbers
 
 import dp_accounting
-from dp_accounting import pld as _pld
 from dp_accounting import rdp as _rdp
+
+from tan_keras.dp_events import (  # noqa: F401  (re-exported: tan.py and callbacks validate with these)
+    ACCOUNTANTS,
+    DEFAULT_PLD_DISCRETIZATION,
+    SAMPLING_METHODS,
+    _check_accountant,
+    _check_delta,
+    _check_epsilon,
+    _check_int,
+    _check_noise_multiplier,
+    _check_pld_discretization,
+    _check_real,
+    _check_sampling,
+    _check_sampling_rate,
+    _check_steps,
+    _composed_accountant,
+    _make_accountant,
+    _Relation,
+    _resolve_sampling,
+    make_dp_event,
+    neighboring_relation,
+    quiet_rdp_convergence_warnings,
+    shuffle_epochs,
+)
+from tan_keras.ledger import LedgerRecord, PrivacyLedger  # noqa: F401  (re-exported)
 
 __all__ = [
     "SAMPLING_METHODS",
@@ -78,228 +80,16 @@ __all__ = [
     "make_dp_event",
     "neighboring_relation",
     "shuffle_epochs",
+    "quiet_rdp_convergence_warnings",
     "LedgerRecord",
     "PrivacyLedger",
 ]
 
-SAMPLING_METHODS = ("poisson", "sampled_without_replacement", "shuffle")
-ACCOUNTANTS = ("rdp", "pld")
-DEFAULT_PLD_DISCRETIZATION = 1e-4
 
 # Search limits for the calibration routines.
 _MAX_NOISE_MULTIPLIER = 1e3
 _MIN_NOISE_MULTIPLIER = 1e-2
 _MAX_STEPS = 10**9
-
-_Relation = dp_accounting.NeighboringRelation
-
-
-# ---------------------------------------------------------------------------
-# Input validation: every public entry point funnels through these.
-# ---------------------------------------------------------------------------
-
-
-def _check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must be a number, got NaN.")
-    return value
-
-
-def _check_int(name, value, minimum=1, fix=""):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, numbers.Real) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise ValueError(f"{name} must be an integer, got {value!r}.{fix}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.{fix}")
-    return value
-
-
-def _check_noise_multiplier(noise_multiplier):
-    sigma = _check_real("noise_multiplier", noise_multiplier)
-    if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(
-            f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}. "
-            "σ = 0 is not differentially private; pass the noise std divided by the "
-            "clipping norm C (DP-SGD adds N(0, σ²C²) to the clipped sum)."
-        )
-    return sigma
-
-
-def _check_sampling_rate(sampling_rate):
-    q = _check_real("sampling_rate", sampling_rate)
-    if not 0 < q <= 1:
-        raise ValueError(
-            f"sampling_rate must be in (0, 1], got {sampling_rate!r}. It is the "
-            "probability q that an example is in a batch (q = B/N for Poisson "
-            "sampling with expected batch size B out of N examples)."
-        )
-    return q
-
-
-def _check_delta(delta, name="delta"):
-    d = _check_real(name, delta)
-    if not 0 < d < 1:
-        raise ValueError(
-            f"{name} must be in (0, 1), got {delta!r}. The paper uses δ ≈ 1/N "
-            "(e.g. 1e-5 for CIFAR-10, 8e-7 for ImageNet)."
-        )
-    return d
-
-
-def _check_epsilon(epsilon, name="epsilon"):
-    e = _check_real(name, epsilon)
-    if not (e > 0 and math.isfinite(e)):
-        raise ValueError(f"{name} must be a finite number > 0, got {epsilon!r}.")
-    return e
-
-
-def _check_steps(steps, name="steps"):
-    return _check_int(
-        name, steps, 1, " Pass the number of noisy gradient steps S (at least 1)."
-    )
-
-
-def _check_sampling(sampling):
-    if sampling not in SAMPLING_METHODS:
-        raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {sampling!r}.")
-    return sampling
-
-
-def _check_accountant(accountant):
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"accountant must be one of {ACCOUNTANTS}, got {accountant!r} "
-            "('rdp': Rényi DP as in the paper; 'pld': tighter privacy loss distributions)."
-        )
-    return accountant
-
-
-def _check_pld_discretization(value):
-    v = _check_real("pld_discretization", value)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(
-            f"pld_discretization must be > 0, got {value!r} (dp_accounting's default is 1e-4)."
-        )
-    return v
-
-
-def _resolve_sampling(sampling_rate, batch_size, num_examples, sampling):
-    """Validates the sampling arguments; returns ``(q, B or None, N or None)``."""
-    sampling = _check_sampling(sampling)
-    if batch_size is not None:
-        batch_size = _check_int("batch_size", batch_size, 1)
-    if num_examples is not None:
-        num_examples = _check_int("num_examples", num_examples, 1)
-    if (batch_size is None) != (num_examples is None):
-        missing = "num_examples" if num_examples is None else "batch_size"
-        raise ValueError(
-            f"{missing} is missing: batch_size and num_examples must be given "
-            f"together (q = batch_size/num_examples), got batch_size={batch_size!r}, "
-            f"num_examples={num_examples!r}."
-        )
-    if batch_size is not None and batch_size > num_examples:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than num_examples={num_examples}; "
-            "a batch cannot hold more examples than the dataset (lower batch_size)."
-        )
-    if sampling_rate is None and batch_size is None:
-        raise ValueError(
-            "sampling_rate is missing: pass sampling_rate=q, or batch_size and "
-            "num_examples (then q = batch_size/num_examples)."
-        )
-    q = None if sampling_rate is None else _check_sampling_rate(sampling_rate)
-    if batch_size is not None:
-        q_bn = batch_size / num_examples
-        if q is not None and not math.isclose(q, q_bn, rel_tol=1e-9, abs_tol=0.0):
-            raise ValueError(
-                f"sampling_rate={q!r} conflicts with batch_size/num_examples = "
-                f"{batch_size}/{num_examples} = {q_bn!r}. Pass only sampling_rate "
-                "(the sampler's actual q, e.g. sampling_rate_from_loader(...)) or only "
-                "batch_size and num_examples."
-            )
-        q = q_bn
-    if sampling == "sampled_without_replacement" and batch_size is None:
-        raise ValueError(
-            "sampling='sampled_without_replacement' needs batch_size and num_examples "
-            f"(fixed batches of B out of N), got only sampling_rate={sampling_rate!r}."
-        )
-    return q, batch_size, num_examples
-
-
-def shuffle_epochs(steps, sampling_rate=None, *, batch_size=None, num_examples=None):
-    """Epochs charged by ``sampling="shuffle"``: ``ceil(S·B/N)`` (= ``ceil(S·q)``).
-
-    Exact integer arithmetic when ``batch_size`` and ``num_examples`` are
-    given; otherwise ``ceil(S·q)`` with a 1e-9 slack against float error.
-    """
-    steps = _check_steps(steps)
-    q, b, n = _resolve_sampling(sampling_rate, batch_size, num_examples, "shuffle")
-    if b is not None:
-        return -(-steps * b // n)
-    return max(1, math.ceil(steps * q - 1e-9))
-
-
-def neighboring_relation(sampling):
-    """The neighbouring relation under which ``sampling`` is accounted.
-
-    ``REPLACE_ONE`` for ``"sampled_without_replacement"``, ``ADD_OR_REMOVE_ONE``
-    otherwise.
-    """
-    if _check_sampling(sampling) == "sampled_without_replacement":
-        return _Relation.REPLACE_ONE
-    return _Relation.ADD_OR_REMOVE_ONE
-
-
-def make_dp_event(
-    noise_multiplier,
-    steps,
-    *,
-    sampling_rate=None,
-    batch_size=None,
-    num_examples=None,
-    sampling="poisson",
-):
-    """The ``dp_accounting`` event of ``steps`` DP-SGD steps (see module doc)."""
-    sigma = _check_noise_multiplier(noise_multiplier)
-    steps = _check_steps(steps)
-    q, b, n = _resolve_sampling(sampling_rate, batch_size, num_examples, sampling)
-    gaussian = dp_accounting.GaussianDpEvent(sigma)
-    if sampling == "poisson":
-        return dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, gaussian), steps
-        )
-    if sampling == "sampled_without_replacement":
-        return dp_accounting.SelfComposedDpEvent(
-            dp_accounting.SampledWithoutReplacementDpEvent(n, b, gaussian), steps
-        )
-    epochs = shuffle_epochs(steps, q if b is None else None, batch_size=b, num_examples=n)
-    return dp_accounting.SelfComposedDpEvent(gaussian, epochs)
-
-
-def _make_accountant(accountant, relation, pld_discretization):
-    if accountant == "rdp":
-        return _rdp.RdpAccountant(neighboring_relation=relation)
-    return _pld.PLDAccountant(
-        neighboring_relation=relation,
-        value_discretization_interval=_check_pld_discretization(pld_discretization),
-    )
-
-
-def _composed_accountant(event, relation, accountant, pld_discretization, what):
-    acc = _make_accountant(_check_accountant(accountant), relation, pld_discretization)
-    if not acc.supports(event):
-        raise ValueError(
-            f"accountant={accountant!r} cannot account for {what} (dp_accounting has "
-            f"no {accountant.upper()} analysis of this event under {relation.name} "
-            "neighbouring). Use accountant='rdp', or Poisson sampling."
-        )
-    return acc.compose(event)
 
 
 def _accountant_for(noise_multiplier, steps, sampling_rate, batch_size, num_examples,
@@ -397,6 +187,7 @@ def delta_for_epsilon(
 # ---------------------------------------------------------------------------
 
 
+@quiet_rdp_convergence_warnings()
 def calibrate_noise_multiplier(
     target_epsilon,
     steps,
@@ -538,6 +329,7 @@ def _largest_int_ok(ok, lo, hi):
     return lo
 
 
+@quiet_rdp_convergence_warnings()
 def calibrate_steps(
     target_epsilon,
     noise_multiplier,
@@ -588,6 +380,7 @@ def calibrate_steps(
     return _largest_int_ok(ok, lo, hi - 1)
 
 
+@quiet_rdp_convergence_warnings()
 def calibrate_batch_size(
     target_epsilon,
     noise_multiplier,
@@ -687,191 +480,3 @@ def effective_noise_multiplier(noise_multiplier, num_microbatches, batch_size):
             "one example (use num_microbatches <= batch_size, or None for per-example)."
         )
     return sigma / 2 if m < b else sigma
-
-
-# ---------------------------------------------------------------------------
-# Ledger
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LedgerRecord:
-    """``steps`` consecutive DP-SGD steps with the same (σ, q, sampling, B, N)."""
-
-    noise_multiplier: float
-    sampling_rate: float
-    steps: int
-    sampling: str = "poisson"
-    num_examples: int | None = None
-    batch_size: int | None = None
-
-    def __post_init__(self):
-        sigma = _check_noise_multiplier(self.noise_multiplier)
-        steps = _check_steps(self.steps)
-        q, b, n = _resolve_sampling(self.sampling_rate, self.batch_size,
-                                    self.num_examples, self.sampling)
-        object.__setattr__(self, "noise_multiplier", sigma)
-        object.__setattr__(self, "steps", steps)
-        object.__setattr__(
-            self, "sampling_rate", q if self.sampling_rate is None else float(self.sampling_rate)
-        )
-        object.__setattr__(self, "batch_size", b)
-        object.__setattr__(self, "num_examples", n)
-
-    def same_mechanism(self, other):
-        """True if ``other`` differs from this record only in ``steps``."""
-        return dataclasses.replace(self, steps=1) == dataclasses.replace(other, steps=1)
-
-    def dp_event(self):
-        """This record's ``dp_accounting`` event (see :func:`make_dp_event`)."""
-        if self.batch_size is not None:
-            return make_dp_event(self.noise_multiplier, self.steps,
-                                 batch_size=self.batch_size,
-                                 num_examples=self.num_examples, sampling=self.sampling)
-        return make_dp_event(self.noise_multiplier, self.steps,
-                             sampling_rate=self.sampling_rate, sampling=self.sampling)
-
-
-class PrivacyLedger:
-    """The composed DP events of a training run, serializable with checkpoints.
-
-    Each :meth:`record` call appends DP-SGD steps; a record identical to the
-    previous one except for ``steps`` is merged into it (one
-    ``SelfComposedDpEvent``), so a ledger fed once per step stays one entry
-    long while (σ, q) do not change. ε is computed from the composition of
-    all records, so runs that change σ, q or the sampler mid-way are
-    accounted correctly.
-
-    ``to_json`` / ``from_json`` round-trip exactly (floats are written with
-    ``repr`` precision). Schema (version 1)::
-
-        {"schema": "tan_keras.PrivacyLedger", "version": 1,
-         "records": [{"noise_multiplier": σ, "sampling_rate": q, "steps": S,
-                      "sampling": "poisson", "num_examples": N|null,
-                      "batch_size": B|null}, ...]}
-    """
-
-    SCHEMA = "tan_keras.PrivacyLedger"
-    VERSION = 1
-
-    def __init__(self, records=()):
-        self._records = []
-        for r in records:
-            if not isinstance(r, LedgerRecord):
-                raise ValueError(f"records must be LedgerRecord instances, got {r!r}.")
-            self._append(r)
-
-    def _append(self, rec):
-        if self._records and self._records[-1].same_mechanism(rec):
-            last = self._records[-1]
-            self._records[-1] = dataclasses.replace(last, steps=last.steps + rec.steps)
-        else:
-            self._records.append(rec)
-
-    def record(self, noise_multiplier, sampling_rate, steps=1, *, sampling="poisson",
-               num_examples=None, batch_size=None):
-        """Appends ``steps`` steps at noise multiplier σ and sampling rate q.
-
-        For ``sampling="sampled_without_replacement"`` (and optionally for the
-        others) also give ``batch_size`` and ``num_examples``; they must agree
-        with ``sampling_rate = B/N``.
-        """
-        self._append(LedgerRecord(noise_multiplier, sampling_rate, steps, sampling,
-                                  num_examples, batch_size))
-        return self
-
-    @property
-    def records(self):
-        """The (merged) records, oldest first, as a tuple."""
-        return tuple(self._records)
-
-    @property
-    def steps(self):
-        """Total number of recorded steps."""
-        return sum(r.steps for r in self._records)
-
-    def __len__(self):
-        return len(self._records)
-
-    def dp_event(self):
-        """The ``dp_accounting.ComposedDpEvent`` of all records."""
-        return dp_accounting.ComposedDpEvent([r.dp_event() for r in self._records])
-
-    def _relation(self):
-        relations = {neighboring_relation(r.sampling) for r in self._records}
-        if len(relations) > 1:
-            raise ValueError(
-                "the ledger mixes sampling methods accounted under different "
-                "neighbouring relations (sampled_without_replacement uses REPLACE_ONE, "
-                "the others ADD_OR_REMOVE_ONE); their ε cannot be composed. Use one "
-                "family of samplers within a run."
-            )
-        return relations.pop() if relations else _Relation.ADD_OR_REMOVE_ONE
-
-    def _accountant(self, accountant, pld_discretization):
-        samplings = sorted({r.sampling for r in self._records})
-        return _composed_accountant(self.dp_event(), self._relation(), accountant,
-                                    pld_discretization, f"sampling={samplings}")
-
-    def epsilon(self, delta, accountant="rdp", *,
-                pld_discretization=DEFAULT_PLD_DISCRETIZATION):
-        """ε of everything recorded so far, at target δ (0 for an empty ledger)."""
-        delta = _check_delta(delta)
-        _check_accountant(accountant)
-        if not self._records:
-            return 0.0
-        return float(self._accountant(accountant, pld_discretization).get_epsilon(delta))
-
-    def delta(self, epsilon, accountant="rdp", *,
-              pld_discretization=DEFAULT_PLD_DISCRETIZATION):
-        """δ of everything recorded so far, at ε (0 for an empty ledger)."""
-        eps = _check_epsilon(epsilon)
-        _check_accountant(accountant)
-        if not self._records:
-            return 0.0
-        return float(self._accountant(accountant, pld_discretization).get_delta(eps))
-
-    def to_json(self):
-        """Serializes the ledger (see the class docstring for the schema)."""
-        return json.dumps({
-            "schema": self.SCHEMA,
-            "version": self.VERSION,
-            "records": [dataclasses.asdict(r) for r in self._records],
-        })
-
-    @classmethod
-    def from_json(cls, s):
-        """Inverse of :meth:`to_json`; validates the schema and every record."""
-        try:
-            data = json.loads(s)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"s is not a PrivacyLedger JSON string: {e}.") from e
-        if not isinstance(data, dict) or data.get("schema") != cls.SCHEMA:
-            raise ValueError(
-                f"s is not a PrivacyLedger JSON document (expected schema {cls.SCHEMA!r}, "
-                f"got {data.get('schema') if isinstance(data, dict) else data!r})."
-            )
-        if data.get("version") != cls.VERSION:
-            raise ValueError(
-                f"PrivacyLedger JSON version {data.get('version')!r} is not supported "
-                f"(this tan_keras reads version {cls.VERSION})."
-            )
-        fields = {f.name for f in dataclasses.fields(LedgerRecord)}
-        records = []
-        for i, r in enumerate(data.get("records", [])):
-            if not isinstance(r, dict) or set(r) != fields:
-                raise ValueError(
-                    f"records[{i}]={r!r} must have exactly the keys {sorted(fields)}."
-                )
-            records.append(LedgerRecord(**r))
-        return cls(records)
-
-    def __eq__(self, other):
-        if not isinstance(other, PrivacyLedger):
-            return NotImplemented
-        return self._records == other._records
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"PrivacyLedger(steps={self.steps}, records={self._records!r})"

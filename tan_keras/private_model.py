@@ -128,6 +128,30 @@ class PrivateTrainerMixin:
         config["clipping"] = self.clipping
         return config
 
+    def fit(self, *args, **kwargs):
+        """Keras's ``fit``; first notes the batch size B and examples N it will batch.
+
+        Keras tells callbacks only ``steps`` and ``epochs``, so
+        ``tan_keras.callbacks.PrivacyBudget`` reads ``_tan_fit_feed``: ``(B, N)``
+        for array inputs, as Keras batches them (B defaults to 32, or
+        ``ceil(N/steps_per_epoch)``; N leaves out ``validation_split``), None
+        for a dataset, generator or PyDataset.
+        """
+        import inspect
+
+        given = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
+        leaves = keras.tree.flatten(given.get("x"))
+        feed = None
+        if leaves and all(len(getattr(a, "shape", ())) > 0 for a in leaves):
+            n = int(leaves[0].shape[0])
+            if given.get("validation_split") and given.get("validation_data") is None:
+                n = int(n * (1.0 - given["validation_split"]))
+            steps = given.get("steps_per_epoch")
+            b = given.get("batch_size") or (-(-n // steps) if steps else 32)
+            feed = (min(int(b), n), n) if n > 0 else None
+        object.__setattr__(self, "_tan_fit_feed", feed)
+        return super().fit(*args, **kwargs)
+
 
 @keras.saving.register_keras_serializable(package="tan_keras")
 class PrivateModel(PrivateTrainerMixin, keras.Model):

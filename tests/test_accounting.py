@@ -87,16 +87,34 @@ def test_delta_for_epsilon_inverts_epsilon():
 # --- Sampling schemes ------------------------------------------------------
 
 
-def test_shuffle_charges_ceil_sb_over_n_unamplified_gaussian_epochs():
-    assert accounting.shuffle_epochs(12, **CIFAR10) == 1   # 49,152 <= 50,000
-    assert accounting.shuffle_epochs(13, **CIFAR10) == 2   # a started epoch counts
+def test_shuffle_charges_ceil_s_over_ceil_n_over_b_unamplified_gaussian_epochs():
+    # CIFAR-10 at B = 4,096: an epoch is ceil(50,000/4,096) = 13 steps, the 13th batch holding 848 examples.
+    assert accounting.shuffle_epochs(13, **CIFAR10) == 1   # the partial 13th batch ends the first epoch
+    assert accounting.shuffle_epochs(14, **CIFAR10) == 2   # a started epoch counts
     epochs = accounting.shuffle_epochs(2500, **CIFAR10)
-    assert epochs == 205
+    assert epochs == 193                                   # ceil(2500/13)
     eps = accounting.epsilon(3.0, 2500, 1e-5, sampling="shuffle", **CIFAR10)
     # E Gaussians of σ compose to one Gaussian of σ/√E.
     expected = accounting.epsilon(3.0 / math.sqrt(epochs), 1, 1e-5, sampling_rate=1.0)
     assert eps == pytest.approx(expected, rel=1e-9)
     assert eps > 3 * accounting.epsilon(3.0, 2500, 1e-5, **CIFAR10)
+
+
+def test_shuffle_charges_one_epoch_of_n_4000_at_b_256_as_one_gaussian():
+    """Issue 15.12: 16 steps of B = 256 over N = 4,000 are one epoch (ε 4.73 at σ = 1), not two (7.08)."""
+    def gaussians(count):  # independent reference: dp_accounting's RDP of `count` Gaussians of σ = 1
+        return dp_accounting.rdp.RdpAccountant().compose(
+            dp_accounting.GaussianDpEvent(1.0), count).get_epsilon(1e-5)
+
+    small = dict(batch_size=256, num_examples=4000)
+    assert accounting.shuffle_epochs(16, **small) == 1
+    assert accounting.shuffle_epochs(17, **small) == 2
+    assert accounting.shuffle_epochs(16, sampling_rate=256 / 4000) == 1
+    assert accounting.shuffle_epochs(16, sampling_rate=1 / 16) == 1  # the loader's q = 1/ceil(N/B)
+    one_epoch = accounting.epsilon(1.0, 16, 1e-5, sampling="shuffle", **small)
+    assert one_epoch == pytest.approx(gaussians(1), rel=1e-12) and round(one_epoch, 2) == 4.73
+    two_epochs = accounting.epsilon(1.0, 32, 1e-5, sampling="shuffle", **small)
+    assert two_epochs == pytest.approx(gaussians(2), rel=1e-12) and round(two_epochs, 2) == 7.08
 
 
 def test_sampled_without_replacement_uses_replace_one_and_rdp():
@@ -372,6 +390,20 @@ pkg = types.ModuleType("tan_keras"); pkg.__path__ = [{str(REPO / "tan_keras")!r}
 sys.modules["tan_keras"] = pkg
 from tan_keras import accounting, tan
 accounting.epsilon(1.0, 10, 1e-5, sampling_rate=0.1)
+bad = sorted(m for m in ("keras", "tensorflow", "jax") if m in sys.modules)
+assert not bad, bad
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.parametrize("module", ["dp_events", "ledger"])  # accounting: the test above
+def test_each_accounting_module_imports_on_its_own_without_keras_tensorflow_or_jax(module):
+    # A fresh interpreter per entry point: an import circle would fail from one of them.
+    code = f"""
+import sys, types
+pkg = types.ModuleType("tan_keras"); pkg.__path__ = [{str(REPO / "tan_keras")!r}]
+sys.modules["tan_keras"] = pkg
+import tan_keras.{module}
 bad = sorted(m for m in ("keras", "tensorflow", "jax") if m in sys.modules)
 assert not bad, bad
 """

@@ -106,7 +106,7 @@ def test_budget_callback_refuses_a_sampler_or_noise_that_does_not_match():
     with pytest.raises(ValueError, match="sampling='shuffle'.*accounts sampling='poisson'"):
         fit((shuffled.dataset(x, y, steps_per_epoch=2, model=model),), callbacks.PrivacyBudget(10.0, DELTA, SIGMA))
     assert iterations(model) == 0
-    # Configured with a sampler but fed other data: refused after the first step.
+    # Configured with a sampler but fed arrays: refused before the first step.
     with pytest.raises(RuntimeError, match="did not come from the sampler"):
         model.fit(x, y, batch_size=4, verbose=0, callbacks=[callbacks.PrivacyBudget(10.0, DELTA, SIGMA, sampling="shuffle")])
 
@@ -140,3 +140,27 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(np.array(c), np.array(a), rtol=1e-5, atol=1e-6)
     assert iterations(resumed) == ema_c.updates == budget_c.ledger.steps == budget_a.ledger.steps == 4
     assert budget_c.epsilon() == budget_a.epsilon()
+
+
+def test_callbacks_and_accounting_modules_import_in_one_direction():
+    """ema alone; checkpoint → budget → accounting → ledger → dp_events (read from the import statements)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(tan_keras.__file__).parent
+    allowed = {  # module: the tan_keras modules it may import
+        "dp_events": set(), "ledger": {"dp_events"}, "accounting": {"dp_events", "ledger"},
+        "callbacks.ema": set(), "callbacks.budget": {"accounting", "ledger"},
+        "callbacks.checkpoint": {"callbacks.budget", "ledger"},
+        "callbacks": {"callbacks.budget", "callbacks.checkpoint", "callbacks.ema"},
+    }
+    for module, may_import in allowed.items():
+        path = root / (module.replace(".", "/") + ("/__init__.py" if module == "callbacks" else ".py"))
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tan_keras"):
+                names = [node.module] if node.module != "tan_keras" else [f"tan_keras.{a.name}" for a in node.names]
+                imported |= {n[len("tan_keras."):] for n in names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name[len("tan_keras."):] for a in node.names if a.name.startswith("tan_keras.")}
+        assert imported == may_import, (module, imported)

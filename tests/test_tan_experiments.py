@@ -3,6 +3,9 @@
 import csv
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +58,22 @@ def test_tfds_datasets_train_end_to_end_on_mock_data(name, tmp_path):
     r = train_image_classifier.run(dataset=name, data=data, model="cnn", batch_size=8, ref_noise=1.0,
                                    ref_steps=2, target_epsilon=50.0, delta=1e-3, lr=0.1)
     assert r["is_private"] and r["steps"] == 2 and r["epsilon"] <= 50.0
+
+
+def test_absent_tfds_data_ends_the_binary_with_one_line_naming_data_dir_and_tfds_build(tmp_path):
+    """15.10: no traceback through tfds (it died on `importlib_resources` while trying to download)."""
+    pytest.importorskip("tensorflow_datasets")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train_image_classifier", "--dataset=cifar10", f"--data_dir={tmp_path}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"experiments.train_image_classifier: error: the cifar10 data is absent: tfds found no prepared cifar10 "
+        f"in --data_dir={tmp_path}. Pass --data_dir=DIR holding a prepared cifar10, or prepare it with "
+        "`tfds build cifar10 --data_dir=DIR` (it downloads the data: on a machine without network, build it "
+        "elsewhere and copy DIR).")
+    with pytest.raises(datasets.DatasetNotPrepared, match=r"--manual_dir=DIR_WITH_THE_IMAGENET_ARCHIVES"):
+        datasets.load("imagenet2012", data_dir=str(tmp_path))
 
 
 def test_reference_batch_is_raised_until_sigma_reaches_the_tan_regime():
