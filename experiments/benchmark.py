@@ -1,6 +1,15 @@
 """Throughput and peak memory of non-private vs DP-SGD training steps.
 
     KERAS_BACKEND=jax python -m experiments.benchmark --model=cnn --batch_size=256
+    KERAS_BACKEND=jax python -m experiments.benchmark --model=nf_resnet50 --batch_size=128 \
+        --physical_batch_size=64 --mixed_precision --modes=nonprivate,ghost
+
+Models: ``cnn`` and ``mlp`` (MNIST-sized), ``wrn16_4`` (``models/wrn.py``,
+32x32), ``nf_resnet50`` (``models/nf_resnet.py``, ImageNet-sized: 1000
+classes, ``--image_size`` 224 by default or 128) and ``vit`` (6 blocks x 384,
+``experiments/vit.py``, 32x32). ``--mixed_precision`` sets Keras's
+``mixed_bfloat16`` policy before the model is built (the non-private mode
+too, so ratios compare like with like).
 
 For each mode (``nonprivate``: Keras SGD; ``vectorized``: DP-SGD with
 vectorized per-example gradients; ``ghost``: DP-SGD with ghost-norm clipping,
@@ -14,15 +23,18 @@ The table ends with the DP/non-private ratios measured in this one run.
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 from absl import app, flags
 
+from experiments.benchmark_lib import MODELS, SameBatch, build_model, device_name, peak_memory_bytes
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "wrn16_4"], "Model to benchmark.")
+flags.DEFINE_enum("model", "cnn", list(MODELS), "Model to benchmark.")
+flags.DEFINE_integer("image_size", None, "nf_resnet50 only: input side, 224 (default) or 128.")
+flags.DEFINE_bool("mixed_precision", False, "Use Keras's `mixed_bfloat16` policy in every mode.")
 flags.DEFINE_integer("batch_size", 256, "Batch size (examples per step).")
 flags.DEFINE_integer("physical_batch_size", None, "Chunk size inside the DP step (memory bound).")
 flags.DEFINE_integer("augmult", 0, "K > 0: DP modes average K on-device augmentations per example "
@@ -41,70 +53,6 @@ flags.DEFINE_enum("loop", "fit", ["fit", "train_on_batch"],
                   "`train_on_batch` loop (waits for every step on the host).")
 
 
-def _SameBatch(x, y, steps):
-    """A ``PyDataset`` of ``steps`` batches, all the same host batch (no copies, constant memory)."""
-    import keras
-
-    class SameBatch(keras.utils.PyDataset):
-        def __len__(self):
-            return steps
-
-        def __getitem__(self, index):
-            return x, y
-
-    return SameBatch()
-
-
-def build_model(name, num_classes=10):
-    import keras
-
-    if name == "cnn":
-        inputs = keras.Input((28, 28, 1))
-        h = keras.layers.Conv2D(16, 5, strides=2, padding="same", activation="relu")(inputs)
-        h = keras.layers.GroupNormalization(groups=4)(h)
-        h = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(h)
-        h = keras.layers.GroupNormalization(groups=8)(h)
-        h = keras.layers.GlobalAveragePooling2D()(h)
-        h = keras.layers.Dense(32, activation="relu")(h)
-        return keras.Model(inputs, keras.layers.Dense(num_classes)(h), name="benchmark_cnn"), (28, 28, 1)
-    if name == "mlp":
-        inputs = keras.Input((784,))
-        h = keras.layers.Dense(256, activation="relu")(inputs)
-        return keras.Model(inputs, keras.layers.Dense(num_classes)(h), name="benchmark_mlp"), (784,)
-    from models import wrn
-
-    return wrn.wrn_16_4(num_classes=num_classes), (32, 32, 3)
-
-
-def _jax_accelerator():
-    """The JAX backend's first device if it is not the CPU, else None."""
-    import keras
-
-    if keras.backend.backend() != "jax":
-        return None
-    import jax
-
-    device = jax.devices()[0]
-    return None if device.platform == "cpu" else device
-
-
-def _device_name():
-    device = _jax_accelerator()
-    if device is not None:
-        return device.device_kind
-    import platform
-
-    return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-
-
-def _peak_memory_bytes():
-    device = _jax_accelerator()
-    if device is not None:
-        stats = device.memory_stats() or {}
-        return int(stats.get("peak_bytes_in_use", 0)), f"{device.platform} peak_bytes_in_use"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
-
-
 def run_mode(mode):
     import keras
     import numpy as np
@@ -112,7 +60,10 @@ def run_mode(mode):
     import tan_keras
 
     keras.utils.set_random_seed(0)
-    model, shape = build_model(FLAGS.model)
+    if FLAGS.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model, shape = build_model(FLAGS.model, image_size=FLAGS.image_size)
+    num_classes = model.output_shape[-1]
     jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile.lower()]
     if mode == "nonprivate":
         optimizer = keras.optimizers.SGD(0.01)
@@ -132,13 +83,13 @@ def run_mode(mode):
                   jit_compile=jit)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *shape)).astype("float32")
-    y = rng.integers(0, 10, size=(batch,)).astype("int32")
+    y = rng.integers(0, num_classes, size=(batch,)).astype("int32")
     from tan_keras import ghost_norms
 
     with ghost_norms.norm_mode(FLAGS.norm_mode):
         if FLAGS.loop == "fit":
-            model.fit(_SameBatch(x, y, FLAGS.warmup), epochs=1, verbose=0)
-            timed = _SameBatch(x, y, FLAGS.steps)
+            model.fit(SameBatch(x, y, FLAGS.warmup), epochs=1, verbose=0)
+            timed = SameBatch(x, y, FLAGS.steps)
             start = time.perf_counter()
             # fit returns after the epoch's logs are read back: the last step is done.
             model.fit(timed, epochs=1, verbose=0)
@@ -151,7 +102,7 @@ def run_mode(mode):
                 loss = model.train_on_batch(x, y)
             float(np.asarray(loss).ravel()[0])  # block until the last step is done
             elapsed = time.perf_counter() - start
-    peak, peak_kind = _peak_memory_bytes()
+    peak, peak_kind = peak_memory_bytes()
     return {
         "mode": mode,
         # Examples = images; with augmult, K views of each (the non-private
@@ -161,8 +112,16 @@ def run_mode(mode):
         "peak_memory_mb": peak / 2**20,
         "peak_memory_kind": peak_kind,
         "backend": keras.backend.backend(),
-        "device": _device_name(),
+        "device": device_name(),
         "params": model.count_params(),
+        "dtype_policy": keras.mixed_precision.dtype_policy().name,
+        "model": FLAGS.model,
+        "image_size": FLAGS.image_size,
+        "batch_size": FLAGS.batch_size,
+        "physical_batch_size": FLAGS.physical_batch_size,
+        "augmult": FLAGS.augmult,
+        "steps": FLAGS.steps,
+        "loop": FLAGS.loop,
     }
 
 
@@ -177,6 +136,10 @@ def main(argv):
                    ("model", "batch_size", "steps", "warmup", "augmult", "jit_compile", "norm_mode", "loop")]
     if FLAGS.physical_batch_size:
         passthrough.append(f"--physical_batch_size={FLAGS.physical_batch_size}")
+    if FLAGS.image_size:
+        passthrough.append(f"--image_size={FLAGS.image_size}")
+    if FLAGS.mixed_precision:
+        passthrough.append("--mixed_precision")
     for mode in FLAGS.modes:
         proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--mode={mode}", *passthrough],
                               capture_output=True, text=True, env=os.environ.copy())
@@ -187,7 +150,8 @@ def main(argv):
     base = next((r for r in results if r["mode"] == "nonprivate" and "examples_per_s" in r), None)
     backend = next((r["backend"] for r in results if "backend" in r), "?")
     device = next((r["device"] for r in results if "device" in r), "?")
-    print(f"model={FLAGS.model} batch={FLAGS.batch_size} augmult={FLAGS.augmult} norm_mode={FLAGS.norm_mode} "
+    print(f"model={FLAGS.model} image_size={FLAGS.image_size} mixed_precision={FLAGS.mixed_precision} "
+          f"batch={FLAGS.batch_size} augmult={FLAGS.augmult} norm_mode={FLAGS.norm_mode} "
           f"backend={backend} device={device!r} "
           f"steps={FLAGS.steps} loop={FLAGS.loop} physical_batch_size={FLAGS.physical_batch_size}")
     print(f"{'mode':<12}{'examples/s':>12}{'step ms':>10}{'peak MB':>10}{'DP cost ×':>11}")
@@ -202,7 +166,6 @@ def main(argv):
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
             json.dump(results, f, indent=2)
-    return results
 
 
 if __name__ == "__main__":

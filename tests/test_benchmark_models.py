@@ -1,0 +1,127 @@
+"""The benchmark's large models (NF-ResNet-50, the ViT) build and train; the peer benchmark's harness checks.
+
+Speed is never tested here: these pin what the GPU benchmarks rely on (the
+models' sizes, that the ViT's examples do not interact and that its ghost DP
+step is the SGD step when clipping and noise are off, that a missing peer
+package stops ``benchmark_peers`` with a message, and, where PyTorch is
+installed, that the PyTorch WRN-16-4 has the Keras model's parameters).
+"""
+
+import importlib.util
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import tan_keras
+from experiments import benchmark_lib, vit
+from tan_keras import ghost_norms
+
+
+def _tiny_vit(num_classes=3):
+    return vit.VisionTransformer(input_shape=(8, 8, 3), patch_size=4, depth=1, width=16, num_heads=2, mlp_ratio=2,
+                                 num_classes=num_classes)
+
+
+def _vit_params(depth, width, mlp_ratio, tokens, patch, channels, classes):
+    """ViT parameter count from the architecture (Dosovitskiy et al. 2021), independent of Keras."""
+    attention = 4 * (width * width + width)  # q, k, v and output projections with biases
+    mlp = (width * mlp_ratio * width + mlp_ratio * width) + (mlp_ratio * width * width + width)
+    block = attention + mlp + 2 * (2 * width)  # two LayerNorms
+    embed = patch * patch * channels * width + width + tokens * width
+    return embed + depth * block + 2 * width + width * classes + classes
+
+
+def test_benchmark_vit_is_6_blocks_of_384_wide_multi_head_attention():
+    model, shape = benchmark_lib.build_model("vit")
+    attention = [layer for layer in model.layers if isinstance(layer, keras.layers.MultiHeadAttention)]
+    assert shape == (32, 32, 3)
+    assert len(attention) == 6
+    assert all(layer.num_heads * layer.key_dim == 384 for layer in attention)
+    assert model.count_params() == _vit_params(depth=6, width=384, mlp_ratio=4, tokens=64, patch=4, channels=3,
+                                               classes=10)
+    assert ghost_norms.ghost_plan(model).reason is None
+
+
+def test_vit_examples_do_not_interact():
+    model = _tiny_vit()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    changed = x.copy()
+    changed[2] = rng.normal(size=(8, 8, 3))
+    both = np.asarray(model.predict_on_batch(np.concatenate([x, changed])))  # one compiled call
+    out, out_changed = both[:3], both[3:]
+    np.testing.assert_allclose(out_changed[:2], out[:2], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out_changed[2], out[2])
+
+
+def test_vit_ghost_dp_step_without_clipping_or_noise_is_the_sgd_step():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 8, 8, 3)).astype("float32")
+    y = np.array([0, 1, 2, 0], "int32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    reference = _tiny_vit()
+    initial = [np.asarray(v) for v in reference.trainable_variables]
+    reference.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
+    reference.train_on_batch(x, y)
+
+    model = _tiny_vit()
+    for v, value in zip(model.trainable_variables, initial):
+        v.assign(value)
+    private = tan_keras.make_private(model, clipping="ghost")
+    private.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1e6, noise_multiplier=0.0, learning_rate=0.5, seed=0),
+                    loss=loss)
+    private.train_on_batch(x, y)
+    moved = False
+    for got, want, start, v in zip(private.trainable_variables, reference.trainable_variables, initial,
+                                   reference.trainable_variables):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=v.path)
+        moved |= not np.allclose(np.asarray(want), start)
+    assert moved
+
+
+def test_nf_resnet50_at_128_has_the_224_models_weights_and_ghost_rules():
+    model, shape = benchmark_lib.build_model("nf_resnet50", image_size=128)
+    default, default_shape = benchmark_lib.build_model("nf_resnet50")
+    assert shape == (128, 128, 3) and default_shape == (224, 224, 3)
+    assert model.output_shape == (None, 1000)
+    assert model.count_params() == default.count_params()
+    assert ghost_norms.ghost_plan(model).reason is None
+
+
+@pytest.mark.parametrize("name, size", [("nf_resnet50", 96), ("vit", 128)])
+def test_benchmark_rejects_an_image_size_the_model_does_not_have(name, size):
+    with pytest.raises(ValueError, match="image_size"):
+        benchmark_lib.build_model(name, image_size=size)
+
+
+def test_benchmark_peers_stops_with_a_message_when_a_peer_package_is_missing():
+    # Runs the binary with `opacus` hidden from the import system, whatever is installed here.
+    script = ("import importlib.util as u, runpy, sys\n"
+              "real = u.find_spec\n"
+              "u.find_spec = lambda name, *a, **k: None if name == 'opacus' else real(name, *a, **k)\n"
+              "sys.argv = ['benchmark_peers', '--peers=opacus']\n"
+              "runpy.run_module('experiments.benchmark_peers', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "opacus==1.6.0" in proc.stderr and "nothing was run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+if importlib.util.find_spec("torch") is not None:  # PyTorch is not in requirements.lock: collected only where installed
+
+    def test_torch_wrn_16_4_has_the_keras_wrn_16_4s_parameters():
+        import torch
+
+        from experiments import torch_wrn
+        from models import wrn
+
+        keras_model, torch_model = wrn.wrn_16_4(num_classes=10), torch_wrn.wrn_16_4(num_classes=10)
+        assert torch_wrn.count_params(torch_model) == keras_model.count_params() == torch_wrn.WRN_16_4_PARAMS
+        keras_sizes = sorted(int(np.prod(v.shape)) for v in keras_model.trainable_variables)
+        assert sorted(p.numel() for p in torch_model.parameters()) == keras_sizes
+        assert torch_model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
