@@ -41,7 +41,7 @@ import numbers
 import keras
 from keras import ops
 
-from tan_keras.private_model import PrivateModel
+from tan_keras.private_model import PrivateTrainerMixin
 
 __all__ = ["AugMultModel", "wrap", "random_crop_flip"]
 
@@ -75,7 +75,7 @@ def _crop_flip_views(padding):
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
-class AugMultModel(PrivateModel):
+class AugMultModel(PrivateTrainerMixin, keras.Model):
     """Trains ``model`` with K augmentations per example averaged before clipping (TAN Eq. 5).
 
     Args:
@@ -94,7 +94,10 @@ class AugMultModel(PrivateModel):
     """
 
     def __init__(self, model, k, augment="crop_flip", padding=4, seed=None, physical_batch_size=None, **kwargs):
-        super().__init__(physical_batch_size=physical_batch_size, **kwargs)
+        # Not a subclass of PrivateModel: once PrivateModel(inputs, outputs) has been called, Keras
+        # rewrites PrivateModel's bases to Functional for the whole process (inject_functional_model_class).
+        super().__init__(**kwargs)
+        self._init_private(physical_batch_size, "auto")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"`k` (augmentation multiplicity K) must be a positive int, got {k!r}.")
         if augment == "crop_flip":
