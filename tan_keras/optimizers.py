@@ -21,6 +21,15 @@ The clipped sum is computed by ``tan_keras.PrivateModel``'s train step; the
 optimizer receives it through ``apply_private``. A DP optimizer compiled into a
 plain ``keras.Model`` raises, because it would only ever see the mean gradient
 and could not bound any example's influence.
+
+Noise seed: ``seed=None`` (the default) seeds the noise from the operating
+system's entropy, never from Keras's / Python's / numpy's global seed, so
+``keras.utils.set_random_seed(0)`` does not make the noise predictable; an
+int ``seed`` makes it reproducible. Either way the RNG state is an optimizer
+variable (saved in checkpoints, so a resumed run continues the same noise).
+``secure_noise=True`` refuses a seed and XORs every noise seed with a key
+held only in memory, so a checkpoint does not determine the noise and a
+resumed run draws fresh noise.
 """
 
 import math
