@@ -138,11 +138,12 @@ def test_canaries_have_the_advertised_inputs_and_labels():
 # -- audits of training runs ----------------------------------------------------------------------------------
 #
 # CI configuration: sklearn digits (N = 1,797, 64 pixels /16) plus m = 500 Dirac canaries (scale 30, so each
-# canary's gradient is clipped to exactly C), a bias-free linear softmax model, C = 1, σ = 1, q = 0.0125
-# (B ≈ 25.6), S = 200, physical batch 512 (so the padded batch is 512 ≈ 20·B), δ = 1e-5:
-# claimed ε = 1.545 (RDP). Every bound is at 95 % confidence (Bonferroni over the 14 guess rules).
+# canary's gradient is clipped to exactly C), a bias-free linear softmax model, C = 1, σ = 1.5, q = 0.05
+# (B ≈ 102), S = 100, physical batch 1024 (so the padded batch is 1024 ≈ 10·B), δ = 1e-5:
+# claimed ε = 1.879 (RDP). Every bound is at 95 % confidence (Bonferroni over the 14 guess rules).
+# Seeded (inclusion coins, sampler and noise), so each backend gives the same bound every run.
 
-M, SCALE, SIGMA, CLIP, Q, STEPS, PHYSICAL = 500, 30.0, 1.0, 1.0, 0.0125, 200, 512
+M, SCALE, SIGMA, CLIP, Q, STEPS, PHYSICAL = 500, 30.0, 1.5, 1.0, 0.05, 100, 1024
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def audit(digits, optimizer_cls=tan_keras.DPSGD, score="alignment"):
 def test_correct_run_bound_is_below_its_claimed_epsilon(digits, score):
     run = audit(digits, score=score)
     assert run.claimed_epsilon == pytest.approx(accounting.epsilon(SIGMA, STEPS, DELTA, sampling_rate=Q))
-    assert 1.4 < run.claimed_epsilon < 1.7
+    assert 1.8 < run.claimed_epsilon < 2.0
     assert run.result.confidence == CONFIDENCE and run.result.num_canaries == M
     assert 0.3 < run.included.mean() < 0.7
     assert run.result.epsilon < run.claimed_epsilon
@@ -185,7 +186,7 @@ class NoNoiseDPSGD(tan_keras.DPSGD):
 
 def _padded_batch_size(digits):
     x, _, canaries = digits
-    # The sampler's padded size is the same for every N the inclusion coins can give here: 512.
+    # The sampler's padded size is the same for every N the inclusion coins can give here: 1024.
     return sampling.PoissonSampler(len(x) + len(canaries) // 2, sampling_rate=Q, physical_batch_size=PHYSICAL,
                                    seed=0).padded_batch_size
 
@@ -225,6 +226,7 @@ def test_planted_fault_gives_a_bound_above_the_claimed_epsilon(digits, fault, mo
         monkeypatch.setattr(clipping, "global_norms", lambda grads: norms(_batch_mean(grads)))
         monkeypatch.setattr(clipping, "weighted_sum", lambda grads, weights: weighted_sum(_batch_mean(grads), weights))
     run = audit(digits, optimizer_cls)
-    # Measured (ε_lb at 95 %): no noise 3.20, no clipping 2.36–2.78, padded 2.88–3.20, batch mean 2.50–2.78,
-    # against a claimed 1.545.
-    assert run.result.epsilon > run.claimed_epsilon + 0.3, run.result
+    # Measured at seed 0 (ε_lb at 95 %, TF / JAX): no noise 3.72 / 3.72, no clipping 3.38 / 3.59, noise over the
+    # padded batch 3.20 / 3.20, batch mean 3.59 / 3.59, against a claimed 1.879; the lowest over seeds 0-2 on
+    # TF and 0-1 on JAX was 2.88. The correct run: 0.92 / 0.12 (at most 0.92 over those seeds).
+    assert run.result.epsilon > run.claimed_epsilon + 0.5, run.result
