@@ -316,6 +316,8 @@ class NoisySGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
     Needs no per-example gradients: it works with a plain ``keras.Model`` when
     ``expected_batch_size`` is given, and with ``tan_keras.PrivateModel``
     (which uses the batch's size when ``expected_batch_size`` is ``None``).
+    ``seed`` and ``secure_noise`` are as in :class:`DPSGD` (``seed=None``
+    seeds from OS entropy, not from Keras's global seed).
     """
 
     requires_per_example = False
