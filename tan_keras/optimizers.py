@@ -21,21 +21,84 @@ The clipped sum is computed by ``tan_keras.PrivateModel``'s train step; the
 optimizer receives it through ``apply_private``. A DP optimizer compiled into a
 plain ``keras.Model`` raises, because it would only ever see the mean gradient
 and could not bound any example's influence.
+
+Noise seed: ``seed=None`` (the default) seeds the noise from the operating
+system's entropy, never from Keras's / Python's / numpy's global seed, so
+``keras.utils.set_random_seed(0)`` does not make the noise predictable; an
+int ``seed`` makes it reproducible. Either way the RNG state is an optimizer
+variable (saved in checkpoints, so a resumed run continues the same noise).
+``secure_noise=True`` refuses a seed and XORs every noise seed with a key
+held only in memory, so a checkpoint does not determine the noise and a
+resumed run draws fresh noise.
 """
 
 import math
+import numbers
+import secrets
 
 import keras
+import numpy as np
 from keras import ops
 
 
+def _is_real(value):
+    """A real number (Python or numpy scalar such as ``np.float32(1.0)``), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value):
+    """An integer (Python or numpy scalar such as ``np.int64(4)``), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_positive(name, value, allow_inf=False):
-    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not _is_real(value):
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    value = float(value)
     if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
         raise ValueError(
             f"`{name}` must be {'> 0' if allow_inf else 'a finite number > 0'}, got {value!r}."
         )
+    return value
+
+
+def _os_entropy_seed():
+    """A seed in [1, 2³¹ − 1) from the operating system's CSPRNG (``secrets``).
+
+    Never derived from Python's ``random``, numpy's or Keras's global seed, so
+    ``keras.utils.set_random_seed(0)`` in two processes still gives two
+    different noise streams. The bound keeps it valid as a TensorFlow int32
+    and a JAX uint32 seed word.
+    """
+    return 1 + secrets.randbelow(2**31 - 2)
+
+
+class _SecureSeedGenerator(keras.random.SeedGenerator):
+    """A ``SeedGenerator`` whose draws are ``state XOR key``, with a key that is never saved.
+
+    ``state`` is the usual ``[s, t]`` counter (an optimizer variable, so it
+    advances inside compiled steps and is saved with the optimizer); ``key`` is
+    two words from the OS CSPRNG held only in this process's memory (and, as a
+    constant, in the compiled step). A checkpoint or ``.keras`` file therefore
+    holds a counter that predicts nothing: a resumed or reloaded optimizer gets
+    a new key and draws fresh noise.
+    """
+
+    def __init__(self, name=None):
+        super().__init__(seed=_os_entropy_seed(), name=name)
+        self._key = (_os_entropy_seed(), _os_entropy_seed())
+
+    def next(self, ordered=True):
+        seed = super().next(ordered=ordered)
+        key = self.backend.convert_to_tensor(list(self._key), dtype=seed.dtype)
+        return self.backend.numpy.bitwise_xor(seed, key)
+
+    def get_config(self):
+        return {"name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
 
 class _PrivateOptimizerMixin:
@@ -44,21 +107,44 @@ class _PrivateOptimizerMixin:
     #: Whether the train step must compute (and clip) per-example gradients.
     requires_per_example = True
 
-    def _init_privacy(self, noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed):
-        if noise_multiplier is None or isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)):
+    def _init_privacy(self, noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed,
+                      secure_noise=False):
+        if not _is_real(noise_multiplier):
             raise ValueError(f"`noise_multiplier` must be a number ≥ 0, got {noise_multiplier!r}.")
         if math.isnan(noise_multiplier) or noise_multiplier < 0 or math.isinf(noise_multiplier):
             raise ValueError(
                 f"`noise_multiplier` (σ) must be a finite number ≥ 0, got {noise_multiplier!r}. "
                 "σ = 0 gives no privacy; use a value such as 1.0 (TAN recommends σ in [2, 4])."
             )
+        noise_multiplier = float(noise_multiplier)
         if self.requires_per_example:
-            _check_positive("l2_norm_clip", l2_norm_clip, allow_inf=True)
+            l2_norm_clip = _check_positive("l2_norm_clip", l2_norm_clip, allow_inf=True)
+            if math.isinf(l2_norm_clip) and noise_multiplier > 0:
+                raise ValueError(
+                    f"`l2_norm_clip`=inf with `noise_multiplier`={noise_multiplier}: the noise std σ·C "
+                    "would be infinite and every weight would become NaN. C = inf (no clipping) is "
+                    "meaningful only with σ = 0 (plain SGD, no privacy). For DP-SGD pass a finite "
+                    "`l2_norm_clip` (e.g. 1.0); for SGD with noise but no clipping use "
+                    "tan_keras.NoisySGD(noise_multiplier)."
+                )
         if num_microbatches is not None:
-            if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
+            if not _is_int(num_microbatches) or num_microbatches < 1:
                 raise ValueError(f"`num_microbatches` must be a positive int or None, got {num_microbatches!r}.")
+            num_microbatches = int(num_microbatches)
         if expected_batch_size is not None:
-            _check_positive("expected_batch_size", expected_batch_size)
+            value = _check_positive("expected_batch_size", expected_batch_size)
+            expected_batch_size = int(expected_batch_size) if _is_int(expected_batch_size) else value
+        if not isinstance(secure_noise, bool):
+            raise ValueError(f"`secure_noise` must be True or False, got {secure_noise!r}.")
+        if seed is not None:
+            if not _is_int(seed) or seed < 0:
+                raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
+            if secure_noise:
+                raise ValueError(
+                    f"`secure_noise=True` refuses a user-given `seed` (got seed={seed!r}): anyone who "
+                    "knows the seed can regenerate and subtract the noise. Pass seed=None (secure noise "
+                    "draws its seed from the OS), or secure_noise=False for a reproducible debug run.")
+            seed = int(seed)
         if self.gradient_accumulation_steps:
             raise ValueError(
                 f"{type(self).__name__} does not support Keras's `gradient_accumulation_steps`: it would "
@@ -67,18 +153,27 @@ class _PrivateOptimizerMixin:
                 "`tan_keras.make_private(model, physical_batch_size=...)`), which sums clipped "
                 "gradients over memory-sized chunks and adds the noise once per logical batch."
             )
-        self.noise_multiplier = float(noise_multiplier)
-        self.l2_norm_clip = float(l2_norm_clip) if l2_norm_clip is not None else None
+        self.noise_multiplier = noise_multiplier
+        self.l2_norm_clip = l2_norm_clip if self.requires_per_example else None
         self.num_microbatches = num_microbatches
         self.expected_batch_size = expected_batch_size
         self.seed = seed
+        self.secure_noise = secure_noise
         self._in_private_apply = False
-        self._noise_seed_generator = keras.random.SeedGenerator(seed, name=f"{self.name}_dp_noise_seed")
+        name = f"{self.name}_dp_noise_seed"
+        if secure_noise:
+            self._noise_seed_generator = _SecureSeedGenerator(name=name)
+        else:
+            # seed=None: OS entropy, never Keras's / Python's global seed (issue 15.6).
+            self._noise_seed_generator = keras.random.SeedGenerator(
+                _os_entropy_seed() if seed is None else seed, name=name)
         self._track_variable(self._noise_seed_generator.state)
 
     @property
     def noise_stddev(self):
         """Std of the Gaussian added to the *sum* of gradients: σC (DP-SGD) or σ (Noisy-SGD)."""
+        if self.noise_multiplier == 0:
+            return 0.0  # also for C = inf (no clipping, no noise), where σC would be 0·inf = nan
         return self.noise_multiplier * (self.l2_norm_clip if self.requires_per_example else 1.0)
 
     def privatize(self, grad_sum, normalizer):
@@ -136,7 +231,7 @@ class _PrivateOptimizerMixin:
     def get_config(self):
         config = super().get_config()
         config.update(noise_multiplier=self.noise_multiplier, expected_batch_size=self.expected_batch_size,
-                      seed=self.seed)
+                      seed=self.seed, secure_noise=self.secure_noise)
         if self.requires_per_example:
             config.update(l2_norm_clip=self.l2_norm_clip, num_microbatches=self.num_microbatches)
         return config
@@ -161,10 +256,20 @@ class DPSGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
       expected_batch_size: B in ``1/B``. Set it to ``q·N`` under Poisson
         sampling (``tan_keras.sampling`` does this); ``None`` uses the batch's
         own size, correct only for fixed-size batches.
-      seed: int seed of the noise. ``None`` draws a fresh seed. ⚠ Anyone who
-        knows the seed (or a checkpoint's optimizer state, which stores the
+      seed: int seed of the noise, for reproducible runs. ``None`` draws the
+        seed from the operating system's entropy (``secrets``), never from
+        Keras's, Python's or numpy's global seed: two processes that both
+        call ``keras.utils.set_random_seed(0)`` get different noise. ⚠ Anyone
+        who knows the seed (or a checkpoint's optimizer state, which stores the
         RNG state) can subtract the noise: keep both secret and release
         weights only.
+      secure_noise: if True, the noise seed comes from OS entropy and is
+        combined with a key held only in memory: a user-given ``seed`` is
+        refused, and the RNG state saved in checkpoints / ``.keras`` files
+        does not determine the noise, so a resumed run draws fresh noise (and
+        is not bit-identical to an uninterrupted one). It does not protect
+        against floating-point attacks on Gaussian sampling (see the README's
+        sharp edges).
       learning_rate, momentum, nesterov, **kwargs: as ``keras.optimizers.SGD``.
 
     .. warning:: Needs per-example gradients: compile it into a
@@ -172,26 +277,30 @@ class DPSGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
     """
 
     def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, expected_batch_size=None,
-                 seed=None, learning_rate=0.01, momentum=0.0, nesterov=False, name="DPSGD", **kwargs):
+                 seed=None, learning_rate=0.01, momentum=0.0, nesterov=False, name="DPSGD", *,
+                 secure_noise=False, **kwargs):
         super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
-        self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed)
+        self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed,
+                           secure_noise)
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
 class DPAdam(_PrivateOptimizerMixin, keras.optimizers.Adam):
     """Differentially private Adam: the DP-SGD gradient (TAN Eq. 2) fed to Adam.
 
-    Same privacy arguments as :class:`DPSGD`; ``beta_1``, ``beta_2``,
+    Same privacy arguments as :class:`DPSGD` (``seed``, ``secure_noise``
+    included); ``beta_1``, ``beta_2``,
     ``epsilon`` and ``amsgrad`` are Adam's. Adam's moments are a
     post-processing of the privatized gradient, so privacy is unchanged.
     """
 
     def __init__(self, l2_norm_clip, noise_multiplier, num_microbatches=None, expected_batch_size=None,
                  seed=None, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
-                 name="DPAdam", **kwargs):
+                 name="DPAdam", *, secure_noise=False, **kwargs):
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
                          amsgrad=amsgrad, name=name, **kwargs)
-        self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed)
+        self._init_privacy(noise_multiplier, l2_norm_clip, num_microbatches, expected_batch_size, seed,
+                           secure_noise)
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")
@@ -207,15 +316,17 @@ class NoisySGD(_PrivateOptimizerMixin, keras.optimizers.SGD):
     Needs no per-example gradients: it works with a plain ``keras.Model`` when
     ``expected_batch_size`` is given, and with ``tan_keras.PrivateModel``
     (which uses the batch's size when ``expected_batch_size`` is ``None``).
+    ``seed`` and ``secure_noise`` are as in :class:`DPSGD` (``seed=None``
+    seeds from OS entropy, not from Keras's global seed).
     """
 
     requires_per_example = False
 
     def __init__(self, noise_multiplier, expected_batch_size=None, seed=None, learning_rate=0.01,
-                 momentum=0.0, nesterov=False, name="NoisySGD", **kwargs):
+                 momentum=0.0, nesterov=False, name="NoisySGD", *, secure_noise=False, **kwargs):
         kwargs.pop("num_microbatches", None)
         super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov, name=name, **kwargs)
-        self._init_privacy(noise_multiplier, None, None, expected_batch_size, seed)
+        self._init_privacy(noise_multiplier, None, None, expected_batch_size, seed, secure_noise)
 
 
 def is_private_optimizer(optimizer):
