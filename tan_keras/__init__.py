@@ -9,9 +9,11 @@ Public API:
   one-example loop (run it on a new architecture)
 * data path: ``PoissonSampler``, ``private_fit``, ``PrivacyBudget``, ``EMA``,
   ``PrivateCheckpoint``; ``augmult.wrap`` for augmentation multiplicity
-* submodules: ``accounting`` (ε, calibration, ledger) and ``tan`` (TAN
+* submodules: ``accounting`` (ε, calibration; re-exports ``ledger``, the
+  saveable ledger, and ``dp_events``, sampling → DP event) and ``tan`` (TAN
   scaling rules) are pure Python + dp-accounting; ``clipping`` is the
-  clipping math; ``sampling`` and ``callbacks`` hold the data path.
+  clipping math; ``sampling`` and ``callbacks`` hold the data path;
+  ``auditing``: one-run ε lower bounds with canaries.
 
 Names are imported lazily (PEP 562), so ``import tan_keras.accounting`` does
 not import Keras, TensorFlow or JAX.
@@ -39,8 +41,8 @@ _EXPORTS = {
     "EMA": "tan_keras.callbacks",
     "PrivateCheckpoint": "tan_keras.callbacks",
 }
-_SUBMODULES = ("accounting", "tan", "clipping", "optimizers", "private_model", "per_example", "sampling",
-               "augmult", "callbacks", "ghost_norms", "selfcheck")
+_SUBMODULES = ("accounting", "dp_events", "ledger", "tan", "clipping", "optimizers", "private_model", "per_example",
+               "sampling", "augmult", "callbacks", "ghost_norms", "selfcheck", "layer_checks", "auditing")
 
 __all__ = sorted(_EXPORTS)
 
