@@ -1,0 +1,134 @@
+"""The JAX private step under ``keras.distribution.DataParallel`` on 4 virtual CPU devices.
+
+Each test runs a fresh Python process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the flag must be set
+before JAX starts), fits one step of the same model on the same data twice —
+once under ``DataParallel(devices=jax.devices())``, once on one device with no
+distribution — and compares the updates. The reference is the single-device
+step, which tests/test_private_training.py checks against a one-example loop.
+
+JAX only: on the TensorFlow backend this module is skipped (TF's
+``tf.distribute`` path is a different step).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+if keras.backend.backend() != "jax":
+    pytest.skip("DataParallel with virtual devices is a JAX test", allow_module_level=True)
+
+import tan_keras  # noqa: E402
+
+DEVICES = 4
+TIMEOUT_S = 240
+
+#: For each physical_batch_size, fits one step with and without DataParallel; prints the updates as JSON.
+WORKER = r"""
+import json, sys
+import jax, keras, numpy as np
+import tan_keras
+
+cfg = json.loads(sys.argv[1])
+assert len(jax.devices()) == cfg["devices"], jax.devices()
+rng = np.random.default_rng(0)
+n = cfg["batch"]
+shape = {"dense": (12,), "conv": (6, 6, 2), "wide": (32,)}[cfg["model"]]
+x = rng.normal(size=(n,) + shape).astype("float32")
+y = rng.integers(0, 3, n).astype("int32")
+w = np.ones(n, "float32")
+w[n - cfg["padding"]:] = 0.0  # Poisson padding rows
+
+def build(physical_batch_size):
+    L, init = keras.layers, keras.initializers.GlorotUniform  # seeded: set_random_seed would import TF
+    body = {
+        "dense": [L.Dense(8, kernel_initializer=init(1)), L.GroupNormalization(2), L.Activation("tanh"),
+                  L.Dense(3, kernel_initializer=init(2))],
+        "conv": [L.Conv2D(4, 3, kernel_initializer=init(1)), L.GroupNormalization(2), L.Activation("tanh"),
+                 L.Flatten(), L.Dense(3, kernel_initializer=init(2))],
+        "wide": [L.Dense(64, kernel_initializer=init(1))],
+    }[cfg["model"]]
+    return tan_keras.PrivateSequential([keras.Input(shape)] + body, clipping=cfg["clipping"],
+                                       physical_batch_size=physical_batch_size)
+
+def update(distributed, sigma, physical_batch_size):
+    dist = keras.distribution.DataParallel(devices=jax.devices()) if distributed else None
+    keras.distribution.set_distribution(dist)
+    model = build(physical_batch_size)
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=cfg["clip"], noise_multiplier=sigma, seed=0,
+                                            learning_rate=1.0, expected_batch_size=cfg["expected_batch_size"]),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [np.array(v) for v in model.get_weights()]
+    model.train_on_batch(x, y, sample_weight=w)
+    kernel = model.trainable_variables[0].value
+    spans = len(kernel.sharding.device_set)
+    delta = np.concatenate([(b - np.array(a)).ravel() for b, a in zip(before, model.get_weights())])
+    return delta.tolist(), spans
+
+out = {}
+for p in cfg["physical_batch_sizes"]:
+    for name, distributed in (("single", False), ("distributed", True)):
+        key = f"{name}/{p}"
+        out[key], out[key + "/devices"] = update(distributed, 0.0, p)
+        if cfg["sigma"]:
+            noised, _ = update(distributed, cfg["sigma"], p)
+            out[key + "/noise"] = ((np.array(noised) - np.array(out[key])) * cfg["expected_batch_size"]).tolist()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_worker(**cfg):
+    config = dict(devices=DEVICES, batch=16, padding=4, expected_batch_size=12.0, clip=0.5, sigma=0.0,
+                  physical_batch_sizes=[None], model="dense", clipping="vectorized")
+    config.update(cfg)
+    root = str(pathlib.Path(tan_keras.__file__).resolve().parent.parent)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(config)], env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT "):])
+    for p in config["physical_batch_sizes"]:
+        assert out[f"single/{p}/devices"] == 1 and out[f"distributed/{p}/devices"] == DEVICES, "not on the mesh"
+    return out
+
+
+@pytest.mark.parametrize("clipping,model", [("vectorized", "dense"), ("ghost", "conv")],
+                         ids=["vectorized-dense_groupnorm", "ghost-conv_groupnorm"])
+def test_data_parallel_update_equals_single_device_update(clipping, model):
+    """σ = 0, clipping active, 4 zero-weight padding rows, B = 12: the same update on 4 devices as on 1.
+
+    In one chunk, and in two chunks of 8 (``physical_batch_size=8``, the
+    ``lax.scan`` path).
+    """
+    out = run_worker(clipping=clipping, model=model, physical_batch_sizes=[None, 8])
+    for p in (None, 8):
+        single, distributed = np.array(out[f"single/{p}"]), np.array(out[f"distributed/{p}"])
+        assert np.abs(single).max() > 1e-3  # a real update
+        np.testing.assert_allclose(distributed, single, rtol=1e-5, atol=1e-6, err_msg=f"physical_batch_size={p}")
+
+
+def test_data_parallel_noise_is_added_once_with_std_sigma_c():
+    """σ = 2, C = 0.5: the noise of the summed gradient has std σC (not σC·√R for R = 4 noised replicas).
+
+    The noise is isolated as (update(σ) − update(0))·B with the same seed. Its
+    std over 2,112 coordinates has relative standard error 1/√(2·2112) ≈ 1.5%:
+    the band is 5 of those. The distributed noise is the single-device draw.
+    """
+    sigma, clip = 2.0, 0.5
+    out = run_worker(model="wide", sigma=sigma, clip=clip)
+    noise, single_noise = np.array(out["distributed/None/noise"]), np.array(out["single/None/noise"])
+    assert noise.size == 32 * 64 + 64
+    band = 5 / np.sqrt(2 * noise.size)
+    assert abs(noise.std() / (sigma * clip) - 1) < band
+    assert abs(single_noise.std() / (sigma * clip) - 1) < band
+    np.testing.assert_allclose(noise, single_noise, atol=1e-5)
