@@ -166,6 +166,15 @@ def _take_padded(a, indices, size):
     return _pad(_read(a, indices), size)
 
 
+def _jax_process_layout():
+    """``(jax.process_count(), jax.process_index())`` on the JAX backend, else ``(1, 0)``."""
+    if keras.backend.backend() != "jax":
+        return 1, 0
+    import jax
+
+    return jax.process_count(), jax.process_index()
+
+
 def _shards(num_shards, shard_index):
     """Validated ``(num_shards, shard_index)``; ``JAX_PROCESSES`` asks JAX."""
     if num_shards == JAX_PROCESSES:
@@ -420,8 +429,13 @@ class PoissonSampler:
 
         Checks that the optimizer is a tan_keras private optimizer whose
         ``expected_batch_size`` is ``qN`` (or unset, with ``allow_unset``),
-        that it clips every example (no microbatches), and that the model's
-        ``physical_batch_size`` divides the padded batch size.
+        that it clips every example (no microbatches), that the model's
+        ``physical_batch_size`` divides the padded batch size, and, when a
+        ``keras.distribution`` joins the batches of several JAX processes
+        (``jax.distributed``) into one global batch, that the sampler is
+        sharded one shard per process: an unsharded sampler in every process
+        would feed each drawn example once per process, multiplying its
+        contribution (and the sensitivity) by the process count.
         """
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
@@ -446,6 +460,13 @@ class PoissonSampler:
             raise ValueError(
                 "Sampled batches vary in size and are padded, so they cannot be split into "
                 "`num_microbatches` groups; use num_microbatches=None (per-example clipping).")
+        processes, process = _jax_process_layout()
+        if processes > 1 and keras.distribution.distribution() is not None and (self.num_shards, self.shard_index) != (processes, process):
+            raise ValueError(
+                f"This is JAX process {process} of {processes}, but the sampler has num_shards="
+                f"{self.num_shards}, shard_index={self.shard_index}. Each process must feed its own slice of "
+                "the global draw, or each drawn example would enter the step once per process (sensitivity "
+                f"{processes}·C instead of C). Build the sampler with num_shards={JAX_PROCESSES!r}.")
         model_p = getattr(model, "physical_batch_size", None)
         if model_p and self.padded_batch_size % model_p:
             raise ValueError(

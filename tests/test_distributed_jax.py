@@ -1,4 +1,4 @@
-"""The JAX private step under ``keras.distribution.DataParallel`` on 4 virtual CPU devices.
+"""The JAX private step under ``keras.distribution.DataParallel``: 4 virtual CPU devices, and 2 processes.
 
 Each test runs a fresh Python process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the flag must be set
@@ -7,6 +7,11 @@ once under ``DataParallel(devices=jax.devices())``, once on one device with no
 distribution — and compares the updates. The reference is the single-device
 step, which tests/test_private_training.py checks against a one-example loop.
 
+The last test is a real two-process run on localhost (``jax.distributed``
+with gloo CPU collectives, 2 virtual devices per process): both processes
+draw the same global Poisson mask, feed disjoint slices of it, and end the
+step with the single-device weights.
+
 JAX only: on the TensorFlow backend this module is skipped (TF's
 ``tf.distribute`` path is a different step).
 """
@@ -14,6 +19,7 @@ JAX only: on the TensorFlow backend this module is skipped (TF's
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -84,19 +90,73 @@ print("RESULT " + json.dumps(out))
 """
 
 
+#: One process of a 2-process jax.distributed run: fit one sampled step sharded, and on one device.
+TWO_PROCESS_WORKER = r"""
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2,
+                           process_id=int(sys.argv[1]), initialization_timeout=60)
+import keras, numpy as np
+import tan_keras
+from tan_keras import sampling
+assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+n, b = 64, 16
+rng = np.random.default_rng(0)
+x = rng.normal(size=(n, 12)).astype("float32")
+y = rng.integers(0, 3, n).astype("int32")
+
+def compiled():
+    init = keras.initializers.GlorotUniform
+    model = tan_keras.PrivateSequential([
+        keras.Input((12,)), keras.layers.Dense(8, kernel_initializer=init(1)), keras.layers.GroupNormalization(2),
+        keras.layers.Activation("tanh"), keras.layers.Dense(3, kernel_initializer=init(2))])
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=0.5, noise_multiplier=1.0, seed=0, learning_rate=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+def update(model, sampler):
+    before = [np.array(v) for v in model.get_weights()]
+    sampling.private_fit(model, x, y, steps=1, sampler=sampler, verbose=0)
+    return np.concatenate([(w0 - np.array(w)).ravel() for w0, w in zip(before, model.get_weights())]).tolist()
+
+# The sampler's slices are the process-local batches: Keras must not shard them again.
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False))
+sharded = sampling.PoissonSampler(n, batch_size=b, physical_batch_size=2, seed=3, num_shards=sampling.JAX_PROCESSES)
+model = compiled()
+try:
+    sampling.PoissonSampler(n, batch_size=b, seed=3).configure(model)
+    refused = ""
+except ValueError as e:
+    refused = str(e)
+out = {"global_draw": sharded.indices(0).tolist(), "slice": sharded.shard_indices(0).tolist(),
+       "shard_batch_size": sharded.shard_batch_size, "padded_batch_size": sharded.padded_batch_size,
+       "unsharded_refused": refused, "update": update(model, sharded)}
+keras.distribution.set_distribution(None)
+with jax.default_device(jax.local_devices()[0]):
+    out["single_device_update"] = update(compiled(), sampling.PoissonSampler(n, batch_size=b, seed=3))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def worker_env(devices):
+    root = str(pathlib.Path(tan_keras.__file__).resolve().parent.parent)
+    return dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+
+def result_of(stdout):
+    return json.loads([ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+
+
 def run_worker(**cfg):
     config = dict(devices=DEVICES, batch=16, padding=4, expected_batch_size=12.0, clip=0.5, sigma=0.0,
                   physical_batch_sizes=[None], model="dense", clipping="vectorized")
     config.update(cfg)
-    root = str(pathlib.Path(tan_keras.__file__).resolve().parent.parent)
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(config)], env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(config)], env=worker_env(DEVICES),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = result_of(proc.stdout)
     for p in config["physical_batch_sizes"]:
         assert out[f"single/{p}/devices"] == 1 and out[f"distributed/{p}/devices"] == DEVICES, "not on the mesh"
     return out
@@ -132,3 +192,31 @@ def test_data_parallel_noise_is_added_once_with_std_sigma_c():
     assert abs(noise.std() / (sigma * clip) - 1) < band
     assert abs(single_noise.std() / (sigma * clip) - 1) < band
     np.testing.assert_allclose(noise, single_noise, atol=1e-5)
+
+
+def test_two_processes_draw_one_global_mask_feed_disjoint_slices_and_match_one_device():
+    """2 × jax.distributed processes on 127.0.0.1, σ = 1 with a fixed seed, 120 s at most."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_WORKER, str(i), str(port)], env=worker_env(2),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        streams = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (_, err) in zip(procs, streams):
+        assert p.returncode == 0, err[-4000:]
+    first, second = (result_of(out) for out, _ in streams)
+    draw = first["global_draw"]
+    assert second["global_draw"] == draw and len(draw) > 0
+    assert not set(first["slice"]) & set(second["slice"])
+    assert sorted(first["slice"] + second["slice"]) == draw
+    assert first["shard_batch_size"] * 2 == first["padded_batch_size"] >= len(draw)
+    for result in (first, second):
+        assert "sensitivity" in result["unsharded_refused"]
+        np.testing.assert_allclose(result["update"], first["single_device_update"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(first["single_device_update"], second["single_device_update"])
