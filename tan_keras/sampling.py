@@ -435,7 +435,10 @@ class PoissonSampler:
         (``jax.distributed``) into one global batch, that the sampler is
         sharded one shard per process: an unsharded sampler in every process
         would feed each drawn example once per process, multiplying its
-        contribution (and the sensitivity) by the process count.
+        contribution (and the sensitivity) by the process count. Under
+        ``keras.distribution.DataParallel`` it also checks that every batch
+        splits evenly over the data-parallel devices (``K·p`` a multiple of
+        their number).
         """
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
@@ -467,6 +470,15 @@ class PoissonSampler:
                 f"{self.num_shards}, shard_index={self.shard_index}. Each process must feed its own slice of "
                 "the global draw, or each drawn example would enter the step once per process (sensitivity "
                 f"{processes}·C instead of C). Build the sampler with num_shards={JAX_PROCESSES!r}.")
+        distribution = keras.distribution.distribution()
+        if isinstance(distribution, keras.distribution.DataParallel):
+            replicas = int(np.size(distribution.device_mesh.devices))
+            multiple = (self.physical_batch_size or 1) * self.num_shards
+            if multiple % replicas:
+                raise ValueError(
+                    f"Batches are padded to multiples of physical_batch_size·num_shards = {multiple}, which "
+                    f"does not split over the {replicas} data-parallel devices. Build the sampler with a "
+                    f"physical_batch_size that makes it a multiple of {replicas}.")
         model_p = getattr(model, "physical_batch_size", None)
         if model_p and self.padded_batch_size % model_p:
             raise ValueError(

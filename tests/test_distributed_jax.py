@@ -123,14 +123,19 @@ def update(model, sampler):
 keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False))
 sharded = sampling.PoissonSampler(n, batch_size=b, physical_batch_size=2, seed=3, num_shards=sampling.JAX_PROCESSES)
 model = compiled()
-try:
-    sampling.PoissonSampler(n, batch_size=b, seed=3).configure(model)
-    refused = ""
-except ValueError as e:
-    refused = str(e)
-out = {"global_draw": sharded.indices(0).tolist(), "slice": sharded.shard_indices(0).tolist(),
+def refusal(sampler):
+    try:
+        sampler.configure(model)
+        return ""
+    except ValueError as e:
+        return str(e)
+
+out = {"unsharded_refused": refusal(sampling.PoissonSampler(n, batch_size=b, seed=3)),
+       "uneven_refused": refusal(sampling.PoissonSampler(n, batch_size=b, physical_batch_size=1, seed=3,
+                                                         num_shards=sampling.JAX_PROCESSES)),
+       "global_draw": sharded.indices(0).tolist(), "slice": sharded.shard_indices(0).tolist(),
        "shard_batch_size": sharded.shard_batch_size, "padded_batch_size": sharded.padded_batch_size,
-       "unsharded_refused": refused, "update": update(model, sharded)}
+       "update": update(model, sharded)}
 keras.distribution.set_distribution(None)
 with jax.default_device(jax.local_devices()[0]):
     out["single_device_update"] = update(compiled(), sampling.PoissonSampler(n, batch_size=b, seed=3))
@@ -218,5 +223,6 @@ def test_two_processes_draw_one_global_mask_feed_disjoint_slices_and_match_one_d
     assert first["shard_batch_size"] * 2 == first["padded_batch_size"] >= len(draw)
     for result in (first, second):
         assert "sensitivity" in result["unsharded_refused"]
+        assert "4 data-parallel devices" in result["uneven_refused"]
         np.testing.assert_allclose(result["update"], first["single_device_update"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(first["single_device_update"], second["single_device_update"])
