@@ -464,7 +464,8 @@ class PoissonSampler:
                 "Sampled batches vary in size and are padded, so they cannot be split into "
                 "`num_microbatches` groups; use num_microbatches=None (per-example clipping).")
         processes, process = _jax_process_layout()
-        if processes > 1 and keras.distribution.distribution() is not None and (self.num_shards, self.shard_index) != (processes, process):
+        joined = processes > 1 and keras.distribution.distribution() is not None
+        if joined and (self.num_shards, self.shard_index) != (processes, process):
             raise ValueError(
                 f"This is JAX process {process} of {processes}, but the sampler has num_shards="
                 f"{self.num_shards}, shard_index={self.shard_index}. Each process must feed its own slice of "
