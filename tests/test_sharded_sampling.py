@@ -158,7 +158,8 @@ def test_shard_arguments_are_validated():
 
 
 def test_jax_processes_takes_the_shard_layout_from_jax():
-    jax = pytest.importorskip("jax")
+    import jax
+
     sampler = sampling.PoissonSampler(100, batch_size=10, num_shards=sampling.JAX_PROCESSES)
     assert (sampler.num_shards, sampler.shard_index) == (jax.process_count(), jax.process_index())
 
@@ -167,7 +168,8 @@ def test_jax_processes_takes_the_shard_layout_from_jax():
 
 
 def test_memmap_and_h5py_sources_give_the_in_memory_batches(tmp_path):
-    h5py = pytest.importorskip("h5py")
+    import h5py  # a Keras dependency
+
     n = 120
     x, y = data(n)
     mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=x.dtype, shape=x.shape)
@@ -239,7 +241,8 @@ def test_tfds_array_record_data_source_trains_with_private_fit():
     mock (a call fails with "missing ... 'record_keys'"), so this test reads
     with ``batched=False``; the batched path is tested above.
     """
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     n = 64
     with tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE):
         ds = tfds.data_source("mnist", split="train")
