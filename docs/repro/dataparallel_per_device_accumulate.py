@@ -1,10 +1,10 @@
 """Prototype for the train-step owner: accumulate the clipped sum per device, all-reduce it once.
 
-    /work/main/.venv/bin/python notes/dataparallel_per_device_accumulate.py
+    /work/main/.venv/bin/python docs/repro/dataparallel_per_device_accumulate.py
 
 Under ``keras.distribution.DataParallel`` the JAX step as it is today (1)
 gets vectorized per-example Conv gradients wrong (see
-notes/dataparallel_vectorized_conv.py), and (2) with ``physical_batch_size``
+docs/repro/dataparallel_vectorized_conv.py), and (2) with ``physical_batch_size``
 chunks the *global* batch: XLA then all-gathers part of the inputs and
 all-reduces the clipped sum inside the ``lax.scan`` body, once per chunk.
 

@@ -1,6 +1,6 @@
 """Pure-JAX repro: per-example Conv gradients (vmap of grad) are wrong when the batch is sharded.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python notes/jax_vmap_conv_grad_sharded.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python docs/repro/jax_vmap_conv_grad_sharded.py
 
 ``jit(vmap(grad(loss)))`` of a one-example convolution loss, with the batch
 sharded over a 1-D mesh, against a one-example loop. Seen wrong on JAX/jaxlib

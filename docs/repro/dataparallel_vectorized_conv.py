@@ -2,7 +2,7 @@
 
 Run from the repository root (it sets its own XLA_FLAGS and backend):
 
-    /work/main/.venv/bin/python notes/dataparallel_vectorized_conv.py
+    /work/main/.venv/bin/python docs/repro/dataparallel_vectorized_conv.py
 
 1. Pure JAX: ``jit(vmap(grad(conv loss)))`` with the batch sharded over 4
    CPU devices differs from the unsharded result (and from a one-example
