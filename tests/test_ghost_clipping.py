@@ -22,16 +22,14 @@ BACKEND = keras.backend.backend()
 if BACKEND == "jax":
     import jax
 
-    from tan_keras.per_example import ghost_jax as ghost
-    from tan_keras.per_example import jax as vectorized_backend
+    from tan_keras.per_example.jax import ghost
 
     def reference_grads(model, x, y, sample_weight):
         return jax.jit(lambda x, y, w: tan_keras.per_example_gradients(model, x, y, w))(x, y, sample_weight)
 else:
     import tensorflow as tf
 
-    from tan_keras.per_example import ghost_tensorflow as ghost
-    from tan_keras.per_example import tensorflow as vectorized_backend
+    from tan_keras.per_example.tensorflow import ghost
 
     def reference_grads(model, x, y, sample_weight):
         return tf.function(lambda x, y, w: tan_keras.per_example_gradients(model, x, y, w))(x, y, sample_weight)

@@ -1,4 +1,4 @@
-"""Backend-neutral layout of one private step: units, chunks, normaliser."""
+"""Backend-neutral layout of one private step: units, chunks, normaliser, and the choice of strategy."""
 
 import dataclasses
 import math
@@ -59,3 +59,23 @@ def make_plan(batch_size, optimizer, physical_batch_size):
     expected = getattr(optimizer, "expected_batch_size", None)
     normalizer = float(expected) / k if expected is not None else float(m)
     return StepPlan(n, per_example, m, k, p, num_chunks, normalizer)
+
+
+def strategy(model):
+    """Which strategy gives the clipped sum of a chunk: ``"ghost"`` or ``"vectorized"``.
+
+    Ghost (book-keeping) when the model asks for it (``clipping="auto"`` or
+    ``"ghost"``, not an AugMult wrapper: ``PrivateTrainerMixin.uses_ghost_clipping``)
+    and its units are examples; TF Privacy's microbatches (means of several
+    examples) are clipped on the vectorized path. A model whose layers lack a
+    ghost-norm rule, or whose traced forward pass breaks book-keeping (shared
+    layers, tied weights, ``add_loss``), still asks for ghost here: the ghost
+    strategy falls back to the vectorized clipped sum itself, with the reason
+    logged once (``tan_keras.ghost_norms.log_fallback``).
+    """
+    if not getattr(model, "uses_ghost_clipping", False):
+        return "vectorized"
+    optimizer = getattr(model, "optimizer", None)
+    if getattr(optimizer, "num_microbatches", None) is not None:
+        return "vectorized"
+    return "ghost"

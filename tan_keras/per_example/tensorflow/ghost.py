@@ -18,14 +18,15 @@ with every watched layer's pre-activation output ``z`` recorded
 example, as the vectorized path computes it).
 
 Models with a layer that has no ghost-norm rule use the vectorized path
-(``tan_keras.per_example.tensorflow``), with a logged warning. The chunk's
-computation runs under XLA (``tan_keras.per_example.tensorflow.compiled``).
+(``vectorized.clipped_sum``), with a logged reason. The step runs the
+chunk under XLA (``common.compiled``).
 """
 
 import tensorflow as tf
 
-from tan_keras import clipping, ghost_norms
-from tan_keras.per_example import tensorflow as vectorized
+from tan_keras import ghost_norms
+from tan_keras.per_example.tensorflow import vectorized
+from tan_keras.per_example.tensorflow.common import as_tensors, call_model, compiled, compute_loss
 
 
 def per_example_losses(model, x, y, y_pred, sample_weight):
@@ -41,20 +42,13 @@ def per_example_losses(model, x, y, y_pred, sample_weight):
         xi, yi, pi, wi = tf.nest.map_structure(lambda a: a[None], args)
         with tf.GradientTape() as tape:
             tape.watch(pi)
-            loss = vectorized.compute_loss(model, xi, yi, pi, wi)
+            loss = compute_loss(model, xi, yi, pi, wi)
         grads = tape.gradient(loss, pi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return loss, tf.nest.map_structure(lambda a: a[0], grads)
 
     if y is None:
         return tf.vectorized_map(lambda args: one((args[0], None, args[1], args[2])), (x, y_pred, sample_weight))
     return tf.vectorized_map(one, (x, y, y_pred, sample_weight))
-
-
-def _vectorized_clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip):
-    grads, losses, y_pred = tf.vectorized_map(vectorized._example_grads_fn(model, variables), (x, y, sample_weight))
-    norms = clipping.global_norms(grads)
-    grad_sum = clipping.weighted_sum(grads, clipping.clip_factors(norms, l2_norm_clip))
-    return grad_sum, norms, losses, y_pred
 
 
 def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
@@ -80,13 +74,13 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
         reads = []
         with tf.GradientTape() as tape:
             with ghost_norms.capture(watch, lambda k, z: z, reads) as calls:
-                y_pred = model(x, training=True) if model._call_has_training_arg else model(x)
+                y_pred = call_model(model, x)
         reason = ghost_norms.check_calls(watch, calls) or (
             "the model adds losses in its forward pass (add_loss)" if model.losses else None) or (
             ghost_norms.foreign_read_reason(reads))
     if reason is not None:
         ghost_norms.log_fallback(model, reason)
-        return _vectorized_clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip)
+        return vectorized.clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip)
 
     losses, loss_grads = per_example_losses(model, x, y, y_pred, sample_weight)
     output_grads = tape.gradient(tf.nest.flatten(y_pred), [call.output for call in calls],
@@ -108,32 +102,19 @@ def _layer_vjp(call, variables, cotangent):
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
-def chunk_grads(model, variables, per_example, unit_size, xc, yc, swc):
-    """Drop-in for ``tan_keras.per_example.tensorflow._chunk_grads`` with ghost clipping.
-
-    Same arguments and returns: ``(summed chunk gradients, loss sum, y_pred,
-    [clipped, norm_sum, count])``. Microbatches (``unit_size > 1``) and
-    Noisy-SGD (no clipping) are delegated to the vectorized ``_chunk_grads``.
-    """
-    if not per_example or model.optimizer.num_microbatches is not None:
-        return vectorized._chunk_grads(model, variables, per_example, unit_size, xc, yc, swc)
-    l2_norm_clip = model.optimizer.l2_norm_clip
-    grads, norms, losses, y_pred = vectorized.compiled(
-        lambda xc, yc, swc: clipped_grad_sum(model, variables, xc, yc, swc, l2_norm_clip))(xc, yc, swc)
-    stats = clipping.unit_stats(norms, tf.cast(swc != 0, norms.dtype), l2_norm_clip)
-    return grads, tf.reduce_sum(losses), y_pred, tf.cast(stats, losses.dtype)
+def clipped_chunk(model, variables, xc, yc, swc):
+    """``(Σ_i clip_C(∇ℓ_i), loss sum, ŷ, norms, example mask)`` for one chunk (the step's strategy interface)."""
+    grads, norms, losses, y_pred = clipped_grad_sum(model, variables, xc, yc, swc, model.optimizer.l2_norm_clip)
+    return grads, tf.reduce_sum(losses), y_pred, norms, tf.cast(swc != 0, norms.dtype)
 
 
 def clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=None):
-    """Tool/test entry point: ``(clipped grad sum, per-example norms)`` at the model's current weights."""
-    x = tf.nest.map_structure(tf.convert_to_tensor, x)
-    y = tf.nest.map_structure(tf.convert_to_tensor, y) if y is not None else None
-    n = vectorized._leading_dim(x)
-    weights = tf.ones((n,)) if sample_weight is None else tf.convert_to_tensor(sample_weight)
+    """Tool/test entry point: ``(clipped grad sum, per-example norms)`` at the model's current weights (XLA)."""
+    x, y, sample_weight = as_tensors(x, y, sample_weight)
 
-    @vectorized.compiled  # as in the step
+    @compiled  # as in the step
     def run(x, y, weights):
         grad_sum, norms, _, _ = clipped_grad_sum(model, model.trainable_variables, x, y, weights, l2_norm_clip)
         return grad_sum, norms
 
-    return run(x, y, weights)
+    return run(x, y, sample_weight)

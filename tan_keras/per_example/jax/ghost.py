@@ -18,25 +18,22 @@ cotangent it receives is ``∂ℓ/∂z``. Then:
 
 Under ``jit``, XLA drops the layer re-calls' unused forward outputs. Models
 with a layer that has no ghost-norm rule use the vectorized path
-(``tan_keras.per_example.jax``), with a logged warning.
+(``vectorized.clipped_sum``), with a logged reason.
 """
 
 import jax
 import jax.numpy as jnp
 import keras
 
-from tan_keras import clipping, ghost_norms
-from tan_keras.per_example import jax as vectorized
-
-
-def _call_kwargs(model):
-    return {"training": True} if model._call_has_training_arg else {}
+from tan_keras import ghost_norms
+from tan_keras.per_example.jax import vectorized
+from tan_keras.per_example.jax.common import as_arrays, call_kwargs, scalar_loss, values
 
 
 def _forward(model, watch, trainable, non_trainable, x, tap, foreign_reads=None):
     with ghost_norms.capture(watch, tap, foreign_reads) as calls:
         y_pred, non_trainable, losses = model.stateless_call(
-            trainable, non_trainable, x, return_losses=True, **_call_kwargs(model))
+            trainable, non_trainable, x, return_losses=True, **call_kwargs(model))
     return y_pred, non_trainable, losses, calls
 
 
@@ -67,20 +64,9 @@ def per_example_losses(model, trainable, non_trainable, metrics_variables, x, y,
         xi, yi, pi, wi = jax.tree_util.tree_map(lambda a: a[None], (xi, yi, pi, wi))
         loss, _ = model.stateless_compute_loss(
             trainable, non_trainable, metrics_variables, x=xi, y=yi, y_pred=pi, sample_weight=wi, training=True)
-        return vectorized.scalar_loss(loss)
+        return scalar_loss(loss)
 
     return jax.vmap(one)(x, y, y_pred, sample_weight)
-
-
-def _vectorized_clipped_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
-                            x, y, sample_weight, l2_norm_clip):
-    loss_fn = vectorized._loss_fn(model, metrics_variables, optimizer_variables)
-    grads, losses, y_pred, new_nt = vectorized._per_example_fn(loss_fn, trainable, non_trainable)(
-        x, y, sample_weight)
-    new_nt = jax.tree_util.tree_map(lambda a: a[0], new_nt)
-    norms = clipping.global_norms(grads)
-    grad_sum = clipping.weighted_sum(grads, clipping.clip_factors(norms, l2_norm_clip))
-    return grad_sum, norms, losses, y_pred, new_nt
 
 
 def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
@@ -107,8 +93,8 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
         shapes, reason = _trace(model, watch, trainable, non_trainable, x)
     if reason is not None:
         ghost_norms.log_fallback(model, reason)
-        return _vectorized_clipped_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
-                                       x, y, sample_weight, l2_norm_clip)
+        return vectorized.clipped_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
+                                      x, y, sample_weight, l2_norm_clip)
 
     probes = [jnp.zeros(s.shape, s.dtype) for s in shapes]
     watched = []
@@ -158,41 +144,17 @@ def _rebuild_call(entry, array_leaves):
                                  dict(kwargs))
 
 
-def accumulate(model, plan, state, x, y, sample_weight):
-    """Drop-in for ``tan_keras.per_example.jax._accumulate`` with ghost clipping.
-
-    Same arguments and returns: ``(grad_sum, loss_sum, y_pred, non_trainable,
-    stats)``. Chunks of ``plan.chunk_size`` examples are scanned as there.
-    Microbatches (``plan.unit_size > 1``) and Noisy-SGD (no clipping) are
-    delegated to the vectorized ``_accumulate``.
-    """
-    if not plan.per_example or plan.unit_size != 1:
-        return vectorized._accumulate(model, plan, state, x, y, sample_weight)
-    trainable, non_trainable, optimizer_variables, metrics_variables = state
-    l2_norm_clip = model.optimizer.l2_norm_clip
-    xs, ys, sws = vectorized._pad_chunks((x, y, sample_weight), plan)
-    dtype = trainable[0].dtype
-
-    def body(carry, chunk):
-        grad_sum, loss_sum, stats_sum, nt = carry
-        xc, yc, swc = chunk
-        chunk_sum, norms, losses, y_pred, nt = clipped_grad_sum(
-            model, trainable, nt, metrics_variables, optimizer_variables, xc, yc, swc, l2_norm_clip)
-        stats = clipping.unit_stats(norms, (swc != 0).astype(dtype), l2_norm_clip)
-        grad_sum = [a + b for a, b in zip(grad_sum, chunk_sum)]
-        return (grad_sum, loss_sum + jnp.sum(losses), stats_sum + stats.astype(dtype), nt), y_pred
-
-    init = ([jnp.zeros_like(v) for v in trainable], jnp.zeros((), dtype), jnp.zeros((4,), dtype), non_trainable)
-    (grad_sum, loss_sum, stats, non_trainable), y_pred = vectorized.scan_chunks(body, init, (xs, ys, sws), plan)
-    return grad_sum, loss_sum, y_pred, non_trainable, stats
+def clipped_chunk(model, plan, trainable, non_trainable, metrics_variables, optimizer_variables, xc, yc, swc):
+    """``(Σ_i clip_C(∇ℓ_i), loss sum, ŷ, norms, example mask, non_trainable)`` for one chunk (the step's interface)."""
+    grad_sum, norms, losses, y_pred, new_nt = clipped_grad_sum(
+        model, trainable, non_trainable, metrics_variables, optimizer_variables, xc, yc, swc,
+        model.optimizer.l2_norm_clip)
+    return grad_sum, jnp.sum(losses), y_pred, norms, (swc != 0).astype(trainable[0].dtype), new_nt
 
 
 def clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=None):
     """Tool/test entry point: ``(clipped grad sum, per-example norms)`` at the model's current weights (jitted)."""
-    x, y = jax.tree_util.tree_map(jnp.asarray, (x, y))
-    n = vectorized._leading_dim(x)
-    weights = jnp.ones((n,)) if sample_weight is None else jnp.asarray(sample_weight)
-    values = lambda vs: [v.value for v in vs]  # noqa: E731
+    x, y, sample_weight = as_arrays(x, y, sample_weight)
     optimizer_variables = values(model.optimizer.variables) if model.optimizer else None
 
     @jax.jit
@@ -202,4 +164,4 @@ def clipped_grad_sum_of(model, x, y, l2_norm_clip, sample_weight=None):
         return grad_sum, norms
 
     return run(values(model.trainable_variables), values(model.non_trainable_variables),
-               values(model.metrics_variables), optimizer_variables, x, y, weights)
+               values(model.metrics_variables), optimizer_variables, x, y, sample_weight)
