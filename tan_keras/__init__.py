@@ -36,13 +36,15 @@ _EXPORTS = {
     "check_per_example": "tan_keras.selfcheck",
     "PerExampleCheckError": "tan_keras.selfcheck",
     "PoissonSampler": "tan_keras.sampling",
+    "RecordSource": "tan_keras.data_sources",
     "private_fit": "tan_keras.sampling",
     "PrivacyBudget": "tan_keras.callbacks",
     "EMA": "tan_keras.callbacks",
     "PrivateCheckpoint": "tan_keras.callbacks",
 }
 _SUBMODULES = ("accounting", "dp_events", "ledger", "tan", "clipping", "optimizers", "private_model", "per_example",
-               "sampling", "augmult", "callbacks", "ghost_norms", "selfcheck", "layer_checks", "auditing")
+               "sampling", "augmult", "callbacks", "ghost_norms", "selfcheck", "layer_checks", "auditing",
+               "data_sources")
 
 __all__ = sorted(_EXPORTS)
 

@@ -47,6 +47,27 @@ one ran (``tan_keras.callbacks.PrivacyBudget`` checks it):
     and padded; no example is dropped, so each example is used once per data
     epoch, as the accountant's conservative "shuffle" charge assumes).
 
+**Sharded sampling** (several processes feeding one logical step, e.g. JAX
+multi-process data parallelism, where each process feeds its local part of
+the global batch): every process builds the same sampler with its own
+``shard_index`` out of ``num_shards`` (``num_shards="jax_processes"`` reads
+``jax.process_count()`` / ``jax.process_index()``). Each draws the same
+*global* mask from ``(seed, step)``, so the inclusion probability of every
+example stays ``q`` and the accountant is told the true ``q``, and takes
+shard k's slice of the sorted drawn indices (``np.array_split`` into
+``num_shards`` near-equal, disjoint, contiguous parts whose union is the
+draw). The global padded size is a multiple of ``num_shards · p`` and every
+shard feeds ``padded_size / num_shards`` rows: all processes take the same
+number of steps with the same shapes, whatever the draw, and an empty draw
+is a noise-only step everywhere. ``expected_batch_size`` stays the global
+``qN``.
+
+**Random-access sources** (``tan_keras.data_sources``): ``x`` / ``y`` /
+``sample_weight`` may be ``np.memmap`` or h5py datasets, and ``x`` may be a
+``RecordSource`` over per-record sources such as tfds's ArrayRecord
+``tfds.data_source(...)``; each step reads only the drawn indices of the
+shard, so the data need not fit in host memory.
+
 Usage, with ``fit``::
 
     sampler = PoissonSampler(len(x), batch_size=256, physical_batch_size=64, seed=0)
@@ -72,10 +93,15 @@ import numbers
 import keras
 import numpy as np
 
-__all__ = ["SAMPLING_METHODS", "PoissonSampler", "SamplerDataset", "materialize", "private_fit"]
+from tan_keras import data_sources
+
+__all__ = ["SAMPLING_METHODS", "JAX_PROCESSES", "PoissonSampler", "SamplerDataset", "materialize", "private_fit"]
 
 #: Samplers this module implements; the names are ``accounting.SAMPLING_METHODS``.
 SAMPLING_METHODS = ("poisson", "sampled_without_replacement", "shuffle")
+
+#: ``num_shards=JAX_PROCESSES``: one shard per JAX process (``jax.process_count()``, ``jax.process_index()``).
+JAX_PROCESSES = "jax_processes"
 
 _POISSON_STREAM, _SHUFFLE_STREAM = 0, 1
 _STATE_SCHEMA = "tan_keras.PoissonSampler"
@@ -119,17 +145,49 @@ def _as_indexable(a):
     return a
 
 
-def _take_padded(a, indices, size):
-    """``a[indices]`` followed by ``size - len(indices)`` rows of zeros."""
-    n = len(indices)
-    if n:
-        rows = np.asarray(a[indices])
-    else:
-        first = np.asarray(a[np.arange(1)]) if len(a) else np.zeros((1,), np.float32)
-        rows = first[:0]
+def _read(a, indices):
+    """``a[indices]`` as a numpy array; a zero-row array of ``a``'s row shape when ``indices`` is empty."""
+    if len(indices):
+        return np.asarray(a[indices])
+    first = np.asarray(a[np.arange(1)]) if len(a) else np.zeros((1,), np.float32)
+    return first[:0]
+
+
+def _pad(rows, size):
+    """``rows`` followed by ``size - len(rows)`` rows of zeros."""
+    n = len(rows)
     if size > n:
         rows = np.concatenate([rows, np.zeros((size - n,) + rows.shape[1:], rows.dtype)], axis=0)
     return rows
+
+
+def _take_padded(a, indices, size):
+    """``a[indices]`` followed by ``size - len(indices)`` rows of zeros."""
+    return _pad(_read(a, indices), size)
+
+
+def _jax_process_layout():
+    """``(jax.process_count(), jax.process_index())`` on the JAX backend, else ``(1, 0)``."""
+    if keras.backend.backend() != "jax":
+        return 1, 0
+    import jax
+
+    return jax.process_count(), jax.process_index()
+
+
+def _shards(num_shards, shard_index):
+    """Validated ``(num_shards, shard_index)``; ``JAX_PROCESSES`` asks JAX."""
+    if num_shards == JAX_PROCESSES:
+        if shard_index is not None:
+            raise ValueError(f"num_shards={JAX_PROCESSES!r} reads the shard index from JAX; do not pass `shard_index`.")
+        import jax  # only when asked: the process layout of jax.distributed
+
+        return jax.process_count(), jax.process_index()
+    num_shards = _check_int("num_shards", num_shards)
+    shard_index = 0 if shard_index is None else _check_int("shard_index", shard_index, minimum=0)
+    if shard_index >= num_shards:
+        raise ValueError(f"`shard_index`={shard_index} must be < `num_shards`={num_shards}.")
+    return num_shards, shard_index
 
 
 def materialize(dataset):
@@ -175,12 +233,20 @@ class PoissonSampler:
         ``"sampled_without_replacement"`` and ``"shuffle"`` (module docstring).
       max_batch_stds: head-room of the fixed padded size, in binomial std's
         (``√B``) above B.
+      num_shards: K, the processes that feed one logical step together, each
+        with its own slice of every draw (module docstring). ``1`` (default):
+        this process feeds the whole batch. ``"jax_processes"``
+        (:data:`JAX_PROCESSES`): ``jax.process_count()``, with the shard index
+        ``jax.process_index()``.
+      shard_index: k in ``[0, K)``, this process's shard (default 0).
 
     Attributes:
       expected_batch_size: ``qN`` — the B of ``(Σ clip + noise) / B``.
-      padded_batch_size: the fixed number of examples fed per step (a draw
-        larger than this is padded to the next multiple of p; see the module
-        docstring).
+      padded_batch_size: the fixed number of examples fed per step, over all
+        shards (a draw larger than this is padded to the next multiple of
+        ``K·p``; see the module docstring).
+      shard_batch_size: ``padded_batch_size / K``, the rows this shard feeds
+        per step (the local batch of a data-parallel process).
       offset: the model's optimizer iteration i (one logical step) uses the
         draw of step ``offset + i``. A resumed run restores ``iterations`` with
         the optimizer, and the seed and offset with :meth:`set_state`, so it
@@ -192,7 +258,7 @@ class PoissonSampler:
     """
 
     def __init__(self, num_examples, *, sampling_rate=None, batch_size=None, physical_batch_size=None,
-                 seed=None, sampling="poisson", max_batch_stds=4.0):
+                 seed=None, sampling="poisson", max_batch_stds=4.0, num_shards=1, shard_index=None):
         self.num_examples = _check_int("num_examples", num_examples)
         if sampling not in SAMPLING_METHODS:
             raise ValueError(f"`sampling` must be one of {SAMPLING_METHODS}, got {sampling!r}.")
@@ -224,13 +290,15 @@ class PoissonSampler:
         if isinstance(max_batch_stds, bool) or not isinstance(max_batch_stds, numbers.Real) or max_batch_stds < 0:
             raise ValueError(f"`max_batch_stds` must be a number >= 0, got {max_batch_stds!r}.")
         self.max_batch_stds = float(max_batch_stds)
-        multiple = self.physical_batch_size or 1
+        self.num_shards, self.shard_index = _shards(num_shards, shard_index)
+        multiple = (self.physical_batch_size or 1) * self.num_shards
         if sampling == "poisson":
             b = self.expected_batch_size
             cap = math.ceil(b + self.max_batch_stds * math.sqrt(b))
             self.padded_batch_size = max(multiple, min(_round_up(cap, multiple), _round_up(n, multiple)))
         else:
             self.padded_batch_size = _round_up(self.batch_size, multiple)
+        self.shard_batch_size = self.padded_batch_size // self.num_shards
         if seed is None:
             seed = int(np.random.SeedSequence().entropy)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
@@ -259,6 +327,17 @@ class PoissonSampler:
         order = self._rng(_SHUFFLE_STREAM, epoch).permutation(n)
         return np.sort(order[j * self.batch_size:(j + 1) * self.batch_size])
 
+    def shard_indices(self, step):
+        """This shard's part of :meth:`indices` (``step``): slice k of its ``np.array_split`` into K parts.
+
+        The K parts are disjoint and their union is the global draw; their
+        sizes differ by at most one.
+        """
+        idx = self.indices(step)
+        if self.num_shards == 1:
+            return idx
+        return np.array_split(idx, self.num_shards)[self.shard_index]
+
     @property
     def batches_per_epoch(self):
         """Steps per data epoch: ``ceil(N/B)`` for "shuffle", else ``1/q`` (in expectation)."""
@@ -267,24 +346,38 @@ class PoissonSampler:
         return 1.0 / self.sampling_rate
 
     def padded_size(self, num_sampled):
-        """Physical batch size for a draw of ``num_sampled`` examples (never truncates)."""
-        return max(self.padded_batch_size, _round_up(num_sampled, self.physical_batch_size or 1))
+        """Physical batch size, over all shards, for a draw of ``num_sampled`` examples (never truncates)."""
+        multiple = (self.physical_batch_size or 1) * self.num_shards
+        return max(self.padded_batch_size, _round_up(num_sampled, multiple))
 
     def batch(self, step, x, y=None, sample_weight=None):
-        """``(x, y, sample_weight)`` of logical step ``step``, zero-weight padded.
+        """``(x, y, sample_weight)`` of this shard's part of logical step ``step``, zero-weight padded.
 
         ``sample_weight`` is 1 (or the user's weight) for sampled examples and 0
-        for padding; ``x`` / ``y`` may be arrays, indexable sources, or dicts /
-        tuples of them.
+        for padding; ``x`` / ``y`` may be arrays, random-access sources
+        (``np.memmap``, h5py), or dicts / tuples of them, or ``x`` a
+        :class:`tan_keras.data_sources.RecordSource` (then ``y`` and
+        ``sample_weight`` come from its records). Only the drawn rows of this
+        shard are read. Every shard returns :meth:`padded_size` ``/ K`` rows.
         """
-        idx = self.indices(step)
-        size = self.padded_size(len(idx))
-        take = lambda a: _take_padded(_as_indexable(a), idx, size)  # noqa: E731
+        all_idx = self.indices(step)
+        size = self.padded_size(len(all_idx)) // self.num_shards
+        idx = all_idx if self.num_shards == 1 else np.array_split(all_idx, self.num_shards)[self.shard_index]
+        if isinstance(x, data_sources.RecordSource):
+            if y is not None or sample_weight is not None:
+                raise ValueError("A RecordSource gives x, y and sample_weight from its records; pass y=None and "
+                                 "sample_weight=None (name the features in RecordSource(..., y=, sample_weight=)).")
+            x_rows, y_rows, w_rows = x.read(idx)
+        else:
+            read = lambda a: _read(_as_indexable(a), idx)  # noqa: E731
+            x_rows, y_rows = _map(read, x), _map(read, y)
+            w_rows = None if sample_weight is None else _read(_as_indexable(sample_weight), idx)
         weights = np.zeros((size,), np.float32)
-        weights[:len(idx)] = 1.0 if sample_weight is None else np.asarray(sample_weight, np.float32)[idx]
+        weights[:len(idx)] = 1.0 if w_rows is None else np.asarray(w_rows, np.float32).reshape(len(idx))
         self.batches_served += 1
         self.served_until = max(self.served_until, step + 1)
-        return _map(take, x), _map(take, y), weights
+        pad = lambda rows: _pad(rows, size)  # noqa: E731
+        return _map(pad, x_rows), _map(pad, y_rows), weights
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -336,8 +429,16 @@ class PoissonSampler:
 
         Checks that the optimizer is a tan_keras private optimizer whose
         ``expected_batch_size`` is ``qN`` (or unset, with ``allow_unset``),
-        that it clips every example (no microbatches), and that the model's
-        ``physical_batch_size`` divides the padded batch size.
+        that it clips every example (no microbatches), that the model's
+        ``physical_batch_size`` divides the padded batch size, and, when a
+        ``keras.distribution`` joins the batches of several JAX processes
+        (``jax.distributed``) into one global batch, that the sampler is
+        sharded one shard per process: an unsharded sampler in every process
+        would feed each drawn example once per process, multiplying its
+        contribution (and the sensitivity) by the process count. Under
+        ``keras.distribution.DataParallel`` it also checks that every batch
+        splits evenly over the data-parallel devices (``K·p`` a multiple of
+        their number).
         """
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
@@ -362,6 +463,23 @@ class PoissonSampler:
             raise ValueError(
                 "Sampled batches vary in size and are padded, so they cannot be split into "
                 "`num_microbatches` groups; use num_microbatches=None (per-example clipping).")
+        processes, process = _jax_process_layout()
+        joined = processes > 1 and keras.distribution.distribution() is not None
+        if joined and (self.num_shards, self.shard_index) != (processes, process):
+            raise ValueError(
+                f"This is JAX process {process} of {processes}, but the sampler has num_shards="
+                f"{self.num_shards}, shard_index={self.shard_index}. Each process must feed its own slice of "
+                "the global draw, or each drawn example would enter the step once per process (sensitivity "
+                f"{processes}·C instead of C). Build the sampler with num_shards={JAX_PROCESSES!r}.")
+        distribution = keras.distribution.distribution()
+        if isinstance(distribution, keras.distribution.DataParallel):
+            replicas = int(np.size(distribution.device_mesh.devices))
+            multiple = (self.physical_batch_size or 1) * self.num_shards
+            if multiple % replicas:
+                raise ValueError(
+                    f"Batches are padded to multiples of physical_batch_size·num_shards = {multiple}, which "
+                    f"does not split over the {replicas} data-parallel devices. Build the sampler with a "
+                    f"physical_batch_size that makes it a multiple of {replicas}.")
         model_p = getattr(model, "physical_batch_size", None)
         if model_p and self.padded_batch_size % model_p:
             raise ValueError(
@@ -404,9 +522,10 @@ class PoissonSampler:
         return SamplerDataset(self, x, y, sample_weight, steps_per_epoch)
 
     def __repr__(self):
+        shards = f", num_shards={self.num_shards}, shard_index={self.shard_index}" if self.num_shards > 1 else ""
         return (f"PoissonSampler(num_examples={self.num_examples}, sampling_rate={self.sampling_rate}, "
                 f"sampling={self.sampling!r}, physical_batch_size={self.physical_batch_size}, "
-                f"padded_batch_size={self.padded_batch_size})")
+                f"padded_batch_size={self.padded_batch_size}{shards})")
 
 
 class SamplerDataset(keras.utils.PyDataset):
@@ -464,13 +583,17 @@ class SamplerDataset(keras.utils.PyDataset):
 
 def private_fit(model, x, y=None, *, steps, sampling_rate=None, batch_size=None, sample_weight=None,
                 steps_per_epoch=None, physical_batch_size=None, seed=None, sampling="poisson",
-                sampler=None, callbacks=None, **fit_kwargs):
+                num_shards=1, shard_index=None, sampler=None, callbacks=None, **fit_kwargs):
     """``model.fit`` for ``steps`` logical DP-SGD steps on batches drawn by a :class:`PoissonSampler`.
 
     Builds the sampler (unless ``sampler`` is given, e.g. restored from a
     checkpoint), sets the optimizer's ``expected_batch_size = qN``, and runs
     ``steps // steps_per_epoch`` epochs of ``steps_per_epoch`` steps (default:
     one epoch of ``steps``). ``physical_batch_size`` defaults to the model's.
+    ``num_shards`` / ``shard_index`` shard every draw across processes
+    (:class:`PoissonSampler`; ``num_shards="jax_processes"`` under
+    ``jax.distributed``): each process feeds its slice, all with the same
+    seed. ``x`` may be a :class:`tan_keras.data_sources.RecordSource`.
     Extra keyword arguments (``validation_data``, ``verbose``, ...) go to
     ``fit``. Returns the ``History``.
     """
@@ -483,9 +606,11 @@ def private_fit(model, x, y=None, *, steps, sampling_rate=None, batch_size=None,
         sampler = PoissonSampler(
             x_len, sampling_rate=sampling_rate, batch_size=batch_size,
             physical_batch_size=physical_batch_size or getattr(model, "physical_batch_size", None),
-            seed=seed, sampling=sampling)
+            seed=seed, sampling=sampling, num_shards=num_shards, shard_index=shard_index)
     elif sampling_rate is not None or batch_size is not None:
         raise ValueError("Pass either `sampler` or `sampling_rate`/`batch_size`, not both.")
+    elif num_shards != 1 or shard_index is not None:
+        raise ValueError("Pass `num_shards`/`shard_index` to the PoissonSampler you give as `sampler`.")
     steps_per_epoch = steps if steps_per_epoch is None else _check_int("steps_per_epoch", steps_per_epoch)
     if steps % steps_per_epoch:
         raise ValueError(f"`steps_per_epoch`={steps_per_epoch} must divide `steps`={steps}.")
