@@ -57,14 +57,30 @@ def zero_rows(x, keep):
     return ops.where(mask, x, ops.zeros_like(x))
 
 
+def all_finite(tensors):
+    """True iff every entry of every tensor is finite (a scalar boolean tensor)."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))
+
+
 def weighted_sum(per_unit_grads, weights):
     """``Σ_i w_i · g_i`` for each parameter: the clipped sum when w = clip factors.
 
     Rows with ``w_i = 0`` are left out entirely, so a non-finite gradient
-    with factor 0 (``clip_factors``) adds exactly nothing.
+    with factor 0 (``clip_factors``) adds exactly nothing (``0 · NaN`` would be
+    NaN). The rows are zeroed only in a step that has such a unit
+    (``ops.cond``); on one H200 (WRN-16-4, B = 1,024) this NaN-safety costs
+    2.6 ms of a 30.3 ms ghost step, and a check of each result instead was
+    slower (37.6 ms).
     """
     keep = weights != 0
-    return [ops.tensordot(ops.cast(weights, g.dtype), zero_rows(g, keep), axes=1) for g in per_unit_grads]
+
+    def plain():
+        return [ops.tensordot(ops.cast(weights, g.dtype), g, axes=1) for g in per_unit_grads]
+
+    def masked():
+        return [ops.tensordot(ops.cast(weights, g.dtype), zero_rows(g, keep), axes=1) for g in per_unit_grads]
+
+    return ops.cond(ops.all(keep), plain, masked)
 
 
 def unit_stats(norms, unit_mask, l2_norm_clip):
@@ -110,15 +126,17 @@ def microbatch_sensitivity(l2_norm_clip, num_microbatches, batch_size):
     return 2.0 * l2_norm_clip
 
 
-def dp_metric_values(stats, signal_norm, noise_norm):
-    """The step's logged DP values from the summed ``unit_stats`` and the optimizer's norms.
+def dp_metric_values(stats, signal_norm, noise_norm, finite_update):
+    """The step's logged DP values from the summed ``unit_stats``, the optimizer's norms and the update check.
 
     ``(clip_fraction, per_example_norm, nonfinite_examples, signal_norm,
-    noise_norm)``, in the order of ``PrivateTrainerMixin._dp_metric_names``.
+    noise_norm, nonfinite_updates)``, in the order of
+    ``PrivateTrainerMixin._dp_metric_names``.
     """
     units = ops.maximum(stats[2], 1.0)
     finite_units = ops.maximum(stats[2] - stats[3], 1.0)
-    return stats[0] / units, stats[1] / finite_units, stats[3], signal_norm, noise_norm
+    return (stats[0] / units, stats[1] / finite_units, stats[3], signal_norm, noise_norm,
+            1.0 - ops.cast(finite_update, stats.dtype))
 
 
 NONFINITE_STEP_MESSAGE = (

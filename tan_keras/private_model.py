@@ -38,7 +38,10 @@ class PrivateTrainerMixin:
     #: Per step: the fraction of clipped examples, their mean gradient norm, the number of examples
     #: whose gradient was not finite (dropped: they contribute 0, see ``clipping.clip_factors``),
     #: and the norms of the summed signal and of the noise (both divided by B).
-    _dp_metric_names = ("clip_fraction", "per_example_norm", "nonfinite_examples", "signal_norm", "noise_norm")
+    #: ``nonfinite_updates``: steps whose weights or noise were not finite (the JAX step then skips
+    #: the update and ``fit`` raises at the end of the epoch; TensorFlow raises in the step).
+    _dp_metric_names = ("clip_fraction", "per_example_norm", "nonfinite_examples", "signal_norm", "noise_norm",
+                        "nonfinite_updates")
 
     def _init_private(self, physical_batch_size=None, clipping="auto"):
         if clipping not in CLIPPING_MODES:
@@ -139,7 +142,8 @@ class PrivateTrainerMixin:
         """
         import inspect
 
-        given = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs).arguments
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        given = bound.arguments
         leaves = keras.tree.flatten(given.get("x"))
         feed = None
         if leaves and all(len(getattr(a, "shape", ())) > 0 for a in leaves):
@@ -150,7 +154,22 @@ class PrivateTrainerMixin:
             b = given.get("batch_size") or (-(-n // steps) if steps else 32)
             feed = (min(int(b), n), n) if n > 0 else None
         object.__setattr__(self, "_tan_fit_feed", feed)
-        return super().fit(*args, **kwargs)
+        if self.is_private:
+            given["callbacks"] = list(given.get("callbacks") or []) + [_StopOnNonFiniteUpdate()]
+        return super().fit(*bound.args[1:], **bound.kwargs)
+
+
+class _StopOnNonFiniteUpdate(keras.callbacks.Callback):
+    """Raises at the end of an epoch that had a non-finite update (weights or noise), naming the causes.
+
+    Only ``on_epoch_end``: a per-batch check would make Keras wait for every step.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (logs or {}).get("nonfinite_updates", 0) > 0:
+            from tan_keras import clipping
+
+            raise FloatingPointError(clipping.NONFINITE_STEP_MESSAGE)
 
 
 @keras.saving.register_keras_serializable(package="tan_keras")

@@ -21,6 +21,7 @@ from keras import ops
 
 import tan_keras
 from tan_keras import accounting, auditing, clipping, sampling
+from tan_keras.per_example import plan
 
 
 CONFIDENCE = 0.95
@@ -222,6 +223,8 @@ def test_planted_fault_gives_a_bound_above_the_claimed_epsilon(digits, fault, mo
         monkeypatch.setattr(PaddedNoiseDPSGD, "padded_batch_size", padded)
         optimizer_cls = PaddedNoiseDPSGD
     elif fault == "batch_mean_gradients":
+        # Per-example gradients exist on the vectorized strategy only (the default picks ghost here).
+        monkeypatch.setattr(plan, "strategy", lambda model: "vectorized")
         norms, weighted_sum = clipping.global_norms, clipping.weighted_sum
         monkeypatch.setattr(clipping, "global_norms", lambda grads: norms(_batch_mean(grads)))
         monkeypatch.setattr(clipping, "weighted_sum", lambda grads, weights: weighted_sum(_batch_mean(grads), weights))

@@ -65,6 +65,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
     norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
     factors = clipping.clip_factors(norms, l2_norm_clip)  # 0 for a non-finite norm
     keep = factors != 0
+    all_finite = ops.all(keep)
 
     variables = model.trainable_variables
     index = {id(v): i for i, v in enumerate(variables)}
@@ -77,11 +78,16 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
             done.add(id(v))
         rest = [v for v in own if id(v) not in done]
         if rest:
-            scale = ops.reshape(ops.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
-            # A dropped example (non-finite gradient) must add exactly 0: its rows of the
-            # cotangent *and* of the layer's input are zeroed (NaN · 0 = NaN in the weight gradient).
-            cotangent = clipping.zero_rows(g * scale, keep)
-            for v, grad in zip(rest, layer_vjp(_drop_examples(call, keep), rest, cotangent)):
+            cotangent = g * ops.reshape(ops.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+            # A dropped example (non-finite gradient) must add exactly 0: in a step that has one,
+            # its rows of the cotangent *and* of the layer's input are zeroed (NaN · 0 = NaN in the
+            # weight gradient); other steps skip the masking passes (``ops.cond``).
+            grads = ops.cond(
+                all_finite,
+                lambda call=call, rest=rest, cotangent=cotangent: list(layer_vjp(call, rest, cotangent)),
+                lambda call=call, rest=rest, cotangent=cotangent: list(layer_vjp(
+                    _drop_examples(call, keep), rest, clipping.zero_rows(cotangent, keep))))
+            for v, grad in zip(rest, grads):
                 out[index[id(v)]] = grad
     grads = [ops.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, out)]
     return grads, norms

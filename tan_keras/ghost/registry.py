@@ -198,18 +198,15 @@ def check_calls(plan, calls):
     return None
 
 
-_LOGGED = set()
-
-
 def log_fallback(model, reason):
     """Logs once per (model, reason) that ``model`` uses vectorized per-example gradients.
 
     A warning when the user asked for ``clipping="ghost"``; INFO under the
     default ``clipping="auto"``, for which the fallback is expected behaviour.
     """
-    key = (id(model), reason)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
+    logged = model.__dict__.setdefault("_tan_logged_fallbacks", set())  # per model object: ids are reused
+    if reason not in logged:
+        logged.add(reason)
         level = logging.INFO if getattr(model, "clipping", "ghost") == "auto" else logging.WARNING
         _log.log(level, "Ghost clipping is not available for model '%s': %s. Using vectorized "
                  "per-example gradients instead.", model.name, reason)

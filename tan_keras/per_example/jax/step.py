@@ -91,11 +91,6 @@ def _updated(variables, old_values, scope):
     return out
 
 
-def _raise_if_not_finite(finite):
-    if not bool(finite):
-        raise FloatingPointError(clipping.NONFINITE_STEP_MESSAGE)
-
-
 def private_train_step(model, state, data):
     trainable, non_trainable, optimizer_variables, metrics_variables = state
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -109,12 +104,18 @@ def private_train_step(model, state, data):
     mapping = list(zip(model.trainable_variables, trainable)) + list(zip(optimizer.variables, optimizer_variables))
     with keras.StatelessScope(state_mapping=mapping) as scope:
         noise_norm, signal_norm = optimizer.apply_private(grad_sum, plan.normalizer)
-    trainable = _updated(model.trainable_variables, trainable, scope)
-    optimizer_variables = _updated(optimizer.variables, optimizer_variables, scope)
+    new_trainable = _updated(model.trainable_variables, trainable, scope)
+    new_optimizer_variables = _updated(optimizer.variables, optimizer_variables, scope)
+    # Non-finite weights or noise: the update is not applied and the step is counted
+    # (``nonfinite_updates``); ``fit`` then stops with an error at the end of the epoch
+    # (``PrivateTrainerMixin``). No host callback in the step: one per step cost 2.6 ms of a
+    # 30 ms WRN-16-4 step on an H200.
+    finite = clipping.all_finite(list(new_trainable) + [noise_norm])
+    keep = lambda new, old: [jnp.where(finite, a, b) for a, b in zip(new, old)]  # noqa: E731
+    trainable, optimizer_variables = keep(new_trainable, trainable), keep(new_optimizer_variables,
+                                                                           optimizer_variables)
 
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in trainable] + [jnp.isfinite(noise_norm)]))
-    jax.debug.callback(_raise_if_not_finite, finite)
-    dp_values = clipping.dp_metric_values(stats, signal_norm, noise_norm)
+    dp_values = clipping.dp_metric_values(stats, signal_norm, noise_norm, finite)
     with keras.StatelessScope(state_mapping=list(zip(model.metrics_variables, metrics_variables))) as scope:
         # Mean over real examples: zero-weight rows are Poisson padding.
         num_real = jnp.maximum(jnp.sum(weights != 0).astype(loss_sum.dtype), 1.0)

@@ -122,9 +122,9 @@ def private_train_step(model, data):
         y_pred = tf.nest.pack_sequence_as(structure["y_pred"], [ta.concat()[:n] for ta in arrays])
 
     noise_norm, signal_norm = model.optimizer.apply_private(grad_sum, normalizer, variables)
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables] + [tf.math.is_finite(noise_norm)])
+    finite = clipping.all_finite(list(variables) + [noise_norm])
     tf.debugging.Assert(finite, [clipping.NONFINITE_STEP_MESSAGE])
-    dp_values = clipping.dp_metric_values(stats, signal_norm, noise_norm)
+    dp_values = clipping.dp_metric_values(stats, signal_norm, noise_norm, finite)
     # Mean over real examples: zero-weight rows are Poisson padding.
     num_real = tf.maximum(tf.reduce_sum(tf.cast(weights != 0, loss_sum.dtype)), 1.0)
     model._loss_tracker.update_state(loss_sum / num_real, sample_weight=num_real)
