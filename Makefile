@@ -20,7 +20,9 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
-test: install pytest-tf pytest-jax bazel-test
+# Each backend once: pytest on JAX, then `bazel test //...` (one py_test per module) on TensorFlow
+# (.bazelrc). `make pytest-tf` runs the TensorFlow suite under pytest too.
+test: install pytest-jax bazel-test
 
 pytest-tf: install
 	KERAS_BACKEND=tensorflow MPLBACKEND=Agg $(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS) tests

@@ -84,9 +84,9 @@ def run_mode(mode):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *shape)).astype("float32")
     y = rng.integers(0, num_classes, size=(batch,)).astype("int32")
-    from tan_keras import ghost_norms
+    from tan_keras.ghost import norm_mode
 
-    with ghost_norms.norm_mode(FLAGS.norm_mode):
+    with norm_mode(FLAGS.norm_mode):
         if FLAGS.loop == "fit":
             model.fit(SameBatch(x, y, FLAGS.warmup), epochs=1, verbose=0)
             timed = SameBatch(x, y, FLAGS.steps)

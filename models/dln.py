@@ -22,13 +22,16 @@ loss L, gradient flow ẇ± = −∇_{w±}L = ∓2 w±⊙∇_βL gives d∇φ_α
 exactly. The paper's potential therefore pairs with the w± parametrisation and
 the loss written as a function of β, whatever its constant in front.
 
-This module holds the Keras model (backend-neutral ``keras.ops``) and the pure
-numpy potential functions; it imports no backend.
+This module holds the Keras model (backend-neutral ``keras.ops``), its
+ghost-norm rule (``tan_keras.ghost.register_ghost_norm``) and the pure numpy
+potential functions; it imports no backend.
 """
 
 import keras
 import numpy as np
 from keras import ops
+
+from tan_keras.ghost import positions, register_ghost_norm, sq_norms_from
 
 PARAMETRIZATIONS = ("w_pm", "uv")
 
@@ -106,6 +109,32 @@ class DiagonalLinearNetwork(keras.Model):
         config = super().get_config()
         config.update({"dim": self.dim, "alpha": self.alpha, "parametrization": self.parametrization})
         return config
+
+
+def diagonal_linear_network_per_example_grads(layer, inputs, output_grad):
+    """DLN ``z = <β, x>``: ``∇β_i = g_i x_i``, then the chain rule through β's parametrization.
+
+    ``β = w₊² − w₋²`` gives ``∇w₊ = 2w₊ ⊙ ∇β`` and ``∇w₋ = −2w₋ ⊙ ∇β``;
+    ``β = u ⊙ v`` gives ``∇u = v ⊙ ∇β`` and ``∇v = u ⊙ ∇β``.
+    """
+    x = positions(ops.cast(inputs, "float32"), layer.dim)
+    g = positions(ops.cast(output_grad, "float32"), 1)
+    beta_grad = ops.sum(x * g, axis=1)  # (B, d)
+    first, second = ops.cast(layer._first, "float32"), ops.cast(layer._second, "float32")
+    if layer.parametrization == "w_pm":
+        first_scale, second_scale = 2.0 * first, -2.0 * second
+    else:
+        first_scale, second_scale = second, first
+    pairs = []
+    if layer._first.trainable:
+        pairs.append((layer._first, beta_grad * first_scale))
+    if layer._second.trainable:
+        pairs.append((layer._second, beta_grad * second_scale))
+    return pairs
+
+
+register_ghost_norm(DiagonalLinearNetwork, per_example_grads=diagonal_linear_network_per_example_grads)(
+    sq_norms_from(diagonal_linear_network_per_example_grads))
 
 
 class _constant(keras.initializers.Initializer):

@@ -12,6 +12,10 @@ BatchNormalization, no batch statistics).
   activation of NF-ResNets (``gamma = RELU_GAMMA`` for ReLU).
 * ``SkipInitGain``: ``alpha * skip_gain * x`` with a learnable scalar
   ``skip_gain`` (TAN's ``Expand`` parameter, SkipInit of De & Smith 2020).
+
+``ScaledWSConv2D`` and ``SkipInitGain`` register their ghost-norm rules (fast
+per-example clipping, ``tan_keras.ghost.register_ghost_norm``) next to their
+definitions, as any custom layer would.
 """
 
 import math
@@ -20,6 +24,9 @@ import random as pyrandom
 import keras
 import numpy as np
 from keras import ops
+
+from tan_keras.ghost import (matmul_grad_sq_norms, matmul_per_example_grads, per_example, position_sum_sq,
+                             positions, register_ghost_norm, shifted_inputs, sq_norms_from, use_ghost)
 
 #: gamma such that ``gamma * relu(z)`` has unit variance for ``z ~ N(0, 1)``.
 #: Analytically ``Var(relu(z)) = (1 - 1/pi) / 2``, i.e. ``gamma = sqrt(2 / (1 - 1/pi))
@@ -225,6 +232,92 @@ class ScaledWSConv2D(keras.layers.Layer):
         return config
 
 
+# ScaledWSConv2D's ghost-norm rule (``tan_keras.ghost``)
+
+
+def _f32(x):
+    return ops.cast(x, "float32")
+
+
+def _ws_standardized(layer):
+    """``(u, s)``: the unit-norm centred kernel ``u(W)`` (kernel shape) and the per-channel ``s_o``."""
+    kernel = _f32(layer.kernel)
+    centred = kernel - ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    scale = ops.sqrt(ops.sum(ops.square(centred), axis=(0, 1, 2)) + layer.eps)  # s_o, (filters,)
+    return centred / scale, scale
+
+
+def scaled_ws_conv_per_example_grads(layer, inputs, output_grad):
+    """Per-example ``∇W, ∇γ, ∇b`` of a ScaledWSConv2D when the explicit form is the cheaper one.
+
+    ``G`` = the plain conv gradient (kernel shape) per example, then
+    ``∇γ_o = α_o = ⟨G_o, u_o⟩`` and ``∇W_o = (γ_o/s_o)(G_o - mean(G_o) - α_o u_o)``
+    (see ``scaled_ws_conv_sq_norms``).
+    """
+    g = positions(_f32(output_grad), layer.filters)
+    blocks = shifted_inputs(_f32(inputs), layer.kernel_size, layer.strides, layer.padding, (1, 1))
+    n = sum(b.shape[2] for b in blocks)
+    if g.shape[1] == 1 or use_ghost(g.shape[1], n, layer.filters):
+        return None
+    u, scale = _ws_standardized(layer)
+    _, plain = per_example(layer.kernel, matmul_per_example_grads(blocks, g))
+    alpha = ops.sum(plain * u, axis=(1, 2, 3))  # (B, filters)
+    pairs = []
+    if layer.kernel.trainable:
+        centred = plain - ops.mean(plain, axis=(1, 2, 3), keepdims=True)
+        ratio = _f32(layer.gain) / scale
+        pairs.append((layer.kernel, ratio[None, None, None, None] * (centred - alpha[:, None, None, None] * u)))
+    if layer.gain.trainable:
+        pairs.append(per_example(layer.gain, alpha))
+    if layer.bias is not None and layer.bias.trainable:
+        pairs.append((layer.bias, ops.sum(g, axis=1)))
+    return pairs
+
+
+@register_ghost_norm(ScaledWSConv2D, per_example_grads=scaled_ws_conv_per_example_grads)
+def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
+    """NF-ResNet scaled weight-standardized conv, ``z = conv(a, γ·u(W)) + b``.
+
+    ``u(W)_o = (W_o - mean(W_o)) / s_o`` per output channel o, over its
+    ``n = kh·kw·C`` fan-in entries, with ``s_o = sqrt(n·var(W_o) + eps)``.
+    With ``G_o`` the per-example gradient w.r.t. the standardized kernel's
+    channel o (the plain conv gradient, ``patches_iᵀ g_i,o``), the chain rule
+    through the standardization (a per-channel linear map) gives
+
+        ∇γ_o = ⟨G_o, u_o⟩ =: α_o
+        ∇W_o = (γ_o/s_o) (G_o - mean(G_o) - α_o u_o)
+        ‖∇W_o‖² = (γ_o/s_o)² (‖G_o‖² - (ΣG_o)²/n - α_o² (2 - ‖u_o‖²))
+
+    ``Σ_o (γ_o/s_o)² ‖G_o‖²`` is the plain conv norm with ``g`` scaled per
+    channel (ghost or explicit by cost), ``ΣG_o = Σ_t g_t,o Σ_j patch_t,j``
+    and ``α_o = Σ_t g_t,o (patch_t · u_o)``: nothing B×n×filters is formed in
+    the ghost form.
+    """
+    g = positions(_f32(output_grad), layer.filters)
+    total = 0.0
+    if layer.kernel.trainable or layer.gain.trainable:
+        k, channels = math.prod(layer.kernel_size), layer.kernel.shape[2]
+        n = k * channels
+        u, scale = _ws_standardized(layer)
+        u = ops.reshape(u, (k, channels, layer.filters))  # offsets row-major, as the blocks
+        blocks = shifted_inputs(_f32(inputs), layer.kernel_size, layer.strides, layer.padding, (1, 1))
+        patch_u = sum(ops.einsum("btc,co->bto", b, u[j]) for j, b in enumerate(blocks))  # patch_t · u_o
+        alpha = ops.sum(patch_u * g, axis=1)  # (B, filters)
+        if layer.kernel.trainable:
+            w = ops.square(_f32(layer.gain) / scale)  # (γ_o/s_o)²
+            weighted = matmul_grad_sq_norms(blocks, g * ops.sqrt(w))
+            patch_sums = sum(ops.sum(b, axis=2) for b in blocks)  # Σ_j patch_t,j, (B, T)
+            col_sums = ops.einsum("bt,bto->bo", patch_sums, g)  # ΣG_o
+            u_sq = ops.sum(ops.square(u), axis=(0, 1))  # ‖u_o‖²
+            correction = ops.square(col_sums) / n + ops.square(alpha) * (2.0 - u_sq)
+            total = total + weighted - ops.sum(w * correction, axis=1)
+        if layer.gain.trainable:
+            total = total + ops.sum(ops.square(alpha), axis=1)
+    if layer.bias is not None and layer.bias.trainable:
+        total = total + position_sum_sq(g)
+    return total
+
+
 @keras.saving.register_keras_serializable(package="tan_keras")
 class ScaledActivation(keras.layers.Layer):
     """``gamma * activation(x)``: a variance-preserving nonlinearity.
@@ -283,3 +376,15 @@ class SkipInitGain(keras.layers.Layer):
         config = super().get_config()
         config.update({"alpha": self.alpha, "gain_init": self.gain_init})
         return config
+
+
+def skip_init_gain_per_example_grads(layer, inputs, output_grad):
+    """NF-ResNet's ``z = α·s·x`` with a learnable scalar s: ``∇s_i = α Σ g_i ⊙ x_i``."""
+    if not layer.skip_gain.trainable:
+        return []
+    dot = ops.sum(ops.reshape(_f32(output_grad) * _f32(inputs), (ops.shape(inputs)[0], -1)), axis=1)
+    return [per_example(layer.skip_gain, layer.alpha * dot)]
+
+
+register_ghost_norm(SkipInitGain, per_example_grads=skip_init_gain_per_example_grads)(
+    sq_norms_from(skip_init_gain_per_example_grads))

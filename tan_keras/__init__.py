@@ -43,7 +43,7 @@ _EXPORTS = {
     "PrivateCheckpoint": "tan_keras.callbacks",
 }
 _SUBMODULES = ("accounting", "dp_events", "ledger", "tan", "clipping", "optimizers", "private_model", "per_example",
-               "sampling", "augmult", "callbacks", "ghost_norms", "selfcheck", "layer_checks", "auditing",
+               "sampling", "augmult", "callbacks", "ghost", "ghost_norms", "selfcheck", "layer_checks", "auditing",
                "data_sources")
 
 __all__ = sorted(_EXPORTS)

@@ -26,7 +26,7 @@ from tan_keras.layer_checks import check_private_layers  # noqa: F401 (public: t
 #: vectorized, with the reason logged once (INFO).
 #: ``"vectorized"``: per-example gradients (vmap / vectorized_map), any layer.
 #: ``"ghost"``: per-example norms from layer inputs and output gradients
-#: (``tan_keras.ghost_norms``), then the book-keeping clipped sum; models with
+#: (``tan_keras.ghost``), then the book-keeping clipped sum; models with
 #: a layer the registry does not cover fall back to ``"vectorized"`` with a
 #: logged warning.
 CLIPPING_MODES = ("auto", "vectorized", "ghost")
@@ -70,7 +70,7 @@ class PrivateTrainerMixin:
 
     @property
     def uses_ghost_clipping(self):
-        """Whether the step tries ghost clipping (it still falls back per model, see ``ghost_norms.ghost_plan``)."""
+        """Whether the step tries ghost clipping (it still falls back per model, see ``tan_keras.ghost.ghost_plan``)."""
         mode = getattr(self, "clipping", "auto")
         if mode == "vectorized":
             return False

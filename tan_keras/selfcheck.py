@@ -105,9 +105,9 @@ def check_per_example(model, x, y=None, sample_weight=None, *, l2_norm_clip=None
     step_sum, step_norms = per_example.clipped_sum_and_norms(model, x, y, l2_norm_clip, sample_weight)
     step_norms = np.asarray(step_norms, np.float64)
     step_sum = [np.asarray(g, np.float64) for g in step_sum]
-    from tan_keras import ghost_norms
+    from tan_keras.ghost import ghost_plan
 
-    ghost = getattr(model, "uses_ghost_clipping", False) and ghost_norms.ghost_plan(model).reason is None
+    ghost = getattr(model, "uses_ghost_clipping", False) and ghost_plan(model).reason is None
     strategy = "ghost" if ghost else "vectorized"
 
     norm_errors = np.abs(step_norms - loop_norms) / np.maximum(loop_norms, atol)

@@ -120,29 +120,8 @@ def benchmark_cnn():
     return benchmark.build_model("cnn", num_classes=3)
 
 
-def wrn_16_1():
-    """WRN-16 (width 1) at 32×32: the WRN-16-4 graph with a quarter of the channels."""
-    from models import wrn
-
-    return wrn.WideResNet(depth=16, width=1, num_classes=3), (32, 32, 3)
-
-
-def wrn_16_1_ws():
-    """The same WRN with ``gn_relu`` order and scaled weight-standardized convs."""
-    from models import wrn
-
-    return wrn.WideResNet(depth=16, width=1, num_classes=3, order="gn_relu", weight_standardization=True), (32, 32, 3)
-
-
-def nf_resnet_small():
-    """A bottleneck NF-ResNet (one block per stage, narrow): WS convs, SkipInit gains, strided shortcuts."""
-    from models import nf_resnet
-
-    return nf_resnet.NFResNet((1, 1, 1, 1), num_classes=3, input_shape=(16, 16, 3), width_multiplier=0.125,
-                              small_inputs=True), (16, 16, 3)
-
-
-@pytest.mark.parametrize("model_fn", [benchmark_cnn, wrn_16_1, wrn_16_1_ws, nf_resnet_small])
+# WRN (gn_relu, WS convs) and NF-ResNet are checked against a one-example loop in test_per_example_exact.py.
+@pytest.mark.parametrize("model_fn", [benchmark_cnn])
 def test_whole_image_models_ghost_clipped_sum_equals_vectorized(model_fn):
     model, (x, y, w) = build(model_fn)
     assert ghost_norms.ghost_plan(model).reason is None

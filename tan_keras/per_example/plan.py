@@ -108,7 +108,7 @@ def strategy(model):
     ghost-norm rule, or whose traced forward pass breaks book-keeping (shared
     layers, tied weights, ``add_loss``), still asks for ghost here: the ghost
     strategy falls back to the vectorized clipped sum itself, with the reason
-    logged once (``tan_keras.ghost_norms.log_fallback``).
+    logged once (``tan_keras.ghost.registry.log_fallback``).
     """
     if not getattr(model, "uses_ghost_clipping", False):
         return "vectorized"

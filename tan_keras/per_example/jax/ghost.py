@@ -2,7 +2,7 @@
 
 ``clipped_grad_sum`` runs the batched model once under ``jax.vjp`` with
 respect to *probes*: a probe is a zero input added to the pre-activation
-output ``z`` of each watched layer (``tan_keras.ghost_norms``), so the
+output ``z`` of each watched layer (``tan_keras.ghost``), so the
 cotangent it receives is ``∂ℓ/∂z``. Then:
 
 1. ``vjp(1)``: the probes' cotangents are ``∂(Σ_i ℓ_i)/∂z``, whose example-i
@@ -10,7 +10,7 @@ cotangent it receives is ``∂ℓ/∂z``. Then:
    layer inputs ``a_i`` they give the per-example norms ``‖∇ℓ_i‖`` (ghost norms)
    and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``. The trainable values are
    constants of this pass, so it computes no weight gradient;
-2. book-keeping (``ghost_norms.norms_and_clipped_sum``): each layer's share
+2. book-keeping (``tan_keras.ghost.bookkeeping``): each layer's share
    of ``Σ_i clip_C(∇ℓ_i)`` is the VJP of that layer alone, at its recorded
    arguments, with cotangent ``c ⊙ g`` (the weight-gradient half of a
    backward pass, without a second pass through the network), or
@@ -25,13 +25,15 @@ import jax
 import jax.numpy as jnp
 import keras
 
-from tan_keras import ghost_norms
+from tan_keras.ghost.bookkeeping import norms_and_clipped_sum
+from tan_keras.ghost.capture import LayerCall, call_inputs, capture, foreign_read_reason, pre_activation_output
+from tan_keras.ghost.registry import check_calls, ghost_plan, log_fallback
 from tan_keras.per_example.jax import vectorized
 from tan_keras.per_example.jax.common import as_arrays, call_kwargs, scalar_loss, values
 
 
 def _forward(model, watch, trainable, non_trainable, x, tap, foreign_reads=None):
-    with ghost_norms.capture(watch, tap, foreign_reads) as calls:
+    with capture(watch, tap, foreign_reads) as calls:
         y_pred, non_trainable, losses = model.stateless_call(
             trainable, non_trainable, x, return_losses=True, **call_kwargs(model))
     return y_pred, non_trainable, losses, calls
@@ -48,9 +50,9 @@ def _trace(model, watch, trainable, non_trainable, x):
     def fn(trainable, non_trainable, x):
         reads = []
         _, _, losses, calls = _forward(model, watch, trainable, non_trainable, x, lambda k, z: z, reads)
-        found["reason"] = ghost_norms.check_calls(watch, calls) or (
+        found["reason"] = check_calls(watch, calls) or (
             "the model adds losses in its forward pass (add_loss)" if losses else None) or (
-            ghost_norms.foreign_read_reason(reads))
+            foreign_read_reason(reads))
         return [call.output for call in calls]
 
     shapes = jax.eval_shape(fn, *_abstract((trainable, non_trainable, x)))
@@ -92,12 +94,12 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
       clipping, the (B,) per-example losses ``ℓ_i``, the batched predictions,
       and the updated non-trainable variables.
     """
-    watch = ghost_norms.ghost_plan(model)
+    watch = ghost_plan(model)
     reason = watch.reason
     if reason is None:
         shapes, reason = _trace(model, watch, trainable, non_trainable, x)
     if reason is not None:
-        ghost_norms.log_fallback(model, reason)
+        log_fallback(model, reason)
         return vectorized.clipped_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
                                       x, y, sample_weight, l2_norm_clip)
 
@@ -130,13 +132,13 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
     def layer_vjp(call, variables, cotangent):
         def pre_activation(own_values):
             with keras.StatelessScope(state_mapping=mapping + list(zip(variables, own_values))):
-                return ghost_norms.pre_activation_output(call)
+                return pre_activation_output(call)
 
         z, pullback = jax.vjp(pre_activation, [values[id(v)] for v in variables])
         return pullback(cotangent.astype(z.dtype))[0]
 
     with keras.StatelessScope(state_mapping=mapping):  # the rules read layer weights (GroupNorm, WS conv)
-        grad_sum, norms = ghost_norms.norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip,
+        grad_sum, norms = norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip,
                                                             layer_vjp, losses)
     return grad_sum, norms, losses, y_pred, new_nt
 
@@ -147,7 +149,7 @@ def _rebuild_call(entry, array_leaves):
     arrays = iter(array_leaves)
     leaves = [next(arrays) if a else leaf for a, leaf in zip(is_array, static)]
     args, kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
-    return ghost_norms.LayerCall(layer, rule, ghost_norms.call_inputs(layer, args, kwargs), None, tuple(args),
+    return LayerCall(layer, rule, call_inputs(layer, args, kwargs), None, tuple(args),
                                  dict(kwargs))
 
 

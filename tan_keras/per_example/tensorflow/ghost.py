@@ -2,13 +2,13 @@
 
 ``clipped_grad_sum`` runs the batched model once under a ``GradientTape``
 with every watched layer's pre-activation output ``z`` recorded
-(``tan_keras.ghost_norms.capture``). Then:
+(``tan_keras.ghost.capture``). Then:
 
 1. ``tape.gradient(ŷ, z, output_gradients=∂ℓ/∂ŷ)``: the example-i slice of
    ``∂(Σ_i ℓ_i)/∂z`` is ``g_i = ∂ℓ_i/∂z_i`` (examples do not interact); with
    the recorded layer inputs it gives the per-example norms ``‖∇ℓ_i‖`` (ghost
    norms) and the clip factors ``c_i = min(1, C/‖∇ℓ_i‖)``;
-2. book-keeping (``ghost_norms.norms_and_clipped_sum``): each layer's share
+2. book-keeping (``tan_keras.ghost.bookkeeping``): each layer's share
    of ``Σ_i clip_C(∇ℓ_i)`` is that layer's own weight gradient at its
    recorded arguments with output gradient ``c ⊙ g`` (or ``Σ_i c_i G_i``
    where the norm formed the per-example gradients ``G_i``); nothing is
@@ -24,7 +24,9 @@ chunk under XLA (``common.compiled``).
 
 import tensorflow as tf
 
-from tan_keras import ghost_norms
+from tan_keras.ghost.bookkeeping import norms_and_clipped_sum
+from tan_keras.ghost.capture import capture, foreign_read_reason, pre_activation_output
+from tan_keras.ghost.registry import check_calls, ghost_plan, log_fallback
 from tan_keras.per_example.tensorflow import vectorized
 from tan_keras.per_example.tensorflow.common import as_tensors, call_model, compiled, compute_loss
 
@@ -68,18 +70,18 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
       Non-trainable variables (seed generators) are updated in place, as in a
       plain Keras step.
     """
-    watch = ghost_norms.ghost_plan(model)
+    watch = ghost_plan(model)
     reason = watch.reason
     if reason is None:
         reads = []
         with tf.GradientTape() as tape:
-            with ghost_norms.capture(watch, lambda k, z: z, reads) as calls:
+            with capture(watch, lambda k, z: z, reads) as calls:
                 y_pred = call_model(model, x)
-        reason = ghost_norms.check_calls(watch, calls) or (
+        reason = check_calls(watch, calls) or (
             "the model adds losses in its forward pass (add_loss)" if model.losses else None) or (
-            ghost_norms.foreign_read_reason(reads))
+            foreign_read_reason(reads))
     if reason is not None:
-        ghost_norms.log_fallback(model, reason)
+        log_fallback(model, reason)
         return vectorized.clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip)
 
     losses, loss_grads = per_example_losses(model, x, y, y_pred, sample_weight)
@@ -87,7 +89,7 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
                                  output_gradients=tf.nest.flatten(loss_grads),
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
     del tape
-    grad_sum, norms = ghost_norms.norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, _layer_vjp,
+    grad_sum, norms = norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, _layer_vjp,
                                                         losses)
     # Embedding gradients come as IndexedSlices; the accumulators expect dense tensors.
     grad_sum = [tf.convert_to_tensor(g) for g in grad_sum]
@@ -97,7 +99,7 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
 def _layer_vjp(call, variables, cotangent):
     """``(∂z/∂W)ᵀ cotangent`` for one captured layer call, re-run under its own tape."""
     with tf.GradientTape() as tape:
-        z = ghost_norms.pre_activation_output(call)
+        z = pre_activation_output(call)
     return tape.gradient(z, variables, output_gradients=tf.cast(cotangent, z.dtype),
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
 

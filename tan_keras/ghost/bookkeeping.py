@@ -1,0 +1,87 @@
+"""Book-keeping: the per-example norms and the clipped gradient sum of a ghost step, layer by layer.
+
+From the calls recorded by ``capture.capture`` and their output gradients
+``g`` (one backward pass of the batched model):
+
+    ‖∇ℓ_i‖² = Σ_layers ‖∇_layer ℓ_i‖²,      c_i = min(1, C/‖∇ℓ_i‖),
+    Σ_i c_i ∇_W ℓ_i = (∂z/∂W)ᵀ (c ⊙ g)        (Bu et al., ICML'23)
+
+(details in ``norms_and_clipped_sum``). The backends supply the layer's
+vector-Jacobian product.
+"""
+
+from keras import ops
+
+from tan_keras import clipping
+from tan_keras.ghost.capture import _drop_examples
+from tan_keras.ghost.norms import per_example_sum_sq
+from tan_keras.ghost.registry import _own_trainable_variables
+
+
+def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, like):
+    """Per-example norms ``‖∇ℓ_i‖`` and the clipped sum ``Σ_i c_i ∇ℓ_i``, layer by layer.
+
+    Norms: ``‖∇ℓ_i‖² = Σ_layers ‖∇_layer ℓ_i‖²``, each term from the rule's
+    ghost norm, or from its per-example gradients where those are the cheaper
+    form (``GhostNormRule.per_example_grads``); ``c_i = min(1, C/‖∇ℓ_i‖)``.
+
+    Clipped sum, by book-keeping (Bu et al., "Differentially Private
+    Optimization on Large Model at Small Cost", ICML'23): a layer's weights
+    ``W`` reach the loss only through its output ``z``, so
+
+        Σ_i c_i ∇_W ℓ_i = (∂z/∂W)ᵀ (c ⊙ g),      g = ∂(Σ_i ℓ_i)/∂z,
+
+    the layer's own weight gradient at its recorded arguments with the output
+    gradient of the one backward pass scaled per example (``layer_vjp``), or
+    ``Σ_i c_i G_i`` where the per-example gradients ``G_i`` were formed for
+    the norm. Nothing is propagated through the network a second time.
+
+    Args:
+      model: the model; gradients are aligned with ``model.trainable_variables``.
+      calls: the captured ``LayerCall`` (each watched layer at most once).
+      output_grads: ``g`` for each call.
+      l2_norm_clip: C.
+      layer_vjp: backend function ``(call, variables, cotangent) -> grads``:
+        the vector-Jacobian product of ``pre_activation_output(call)`` w.r.t.
+        ``variables`` (some of the layer's own trainable variables).
+      like: a (B,) tensor (the per-example losses) giving the batch size.
+
+    Returns:
+      ``(grads, norms)``: gradients aligned with ``model.trainable_variables``
+      (zeros for a variable whose layer was not called) and the (B,) norms.
+    """
+    sq_norms = ops.zeros_like(like, dtype="float32")
+    explicit = []
+    for call, g in zip(calls, output_grads):
+        rule = call.rule
+        pairs = rule.per_example_grads(call.layer, call.inputs, g) if rule.per_example_grads else None
+        explicit.append(pairs)
+        if pairs is None:
+            sq_norms = sq_norms + rule.sq_norms(call.layer, call.inputs, g)
+        else:
+            for _, grads in pairs:
+                sq_norms = sq_norms + per_example_sum_sq(grads)
+    # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
+    norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
+    factors = clipping.clip_factors(norms, l2_norm_clip)  # 0 for a non-finite norm
+    keep = factors != 0
+
+    variables = model.trainable_variables
+    index = {id(v): i for i, v in enumerate(variables)}
+    out = [None] * len(variables)
+    for call, g, pairs in zip(calls, output_grads, explicit):
+        own = _own_trainable_variables(call.layer, index)
+        done = set()
+        for v, grads in pairs or ():
+            out[index[id(v)]] = ops.cast(clipping.weighted_sum([grads], factors)[0], v.dtype)
+            done.add(id(v))
+        rest = [v for v in own if id(v) not in done]
+        if rest:
+            scale = ops.reshape(ops.cast(factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+            # A dropped example (non-finite gradient) must add exactly 0: its rows of the
+            # cotangent *and* of the layer's input are zeroed (NaN · 0 = NaN in the weight gradient).
+            cotangent = clipping.zero_rows(g * scale, keep)
+            for v, grad in zip(rest, layer_vjp(_drop_examples(call, keep), rest, cotangent)):
+                out[index[id(v)]] = grad
+    grads = [ops.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, out)]
+    return grads, norms

@@ -1,0 +1,143 @@
+"""The matmul norm math of ghost clipping, backend-neutral (``keras.ops`` only).
+
+Fast ("mixed ghost") clipping, Li et al. ICLR'22 (arXiv 2110.05679), after
+Goodfellow 2015 and Lee & Kifer 2021. For a layer ``z = a W + b`` applied to
+the ``T`` positions of one example (tokens, pixels of a conv's output), the
+example's weight gradient is ``∇W_i = a_iᵀ g_i`` with ``a_i`` (T×d) the layer
+input and ``g_i = ∂ℓ_i/∂z_i`` (T×p) the output gradient, so
+
+    ‖∇W_i‖²_F = ⟨a_i a_iᵀ, g_i g_iᵀ⟩     (ghost: O(T²(d+p)), memory T²)
+              = ‖a_iᵀ g_i‖²_F            (explicit: O(T d p), memory d p)
+    ‖∇b_i‖²   = ‖Σ_t g_i,t‖²
+
+and the per-layer choice between the two forms is made by cost
+(``registry.use_ghost``). Convolutions are the same matmul over their
+unfolded input patches (``shifted_inputs``: one block per kernel offset,
+never concatenated for the ghost form).
+
+The helpers here are the building blocks of a rule (``register_ghost_norm``):
+``positions`` reshapes to ``(B, T, d)``, ``per_example`` pairs a variable with
+its per-example gradients, ``sq_norms_from`` turns a ``per_example_grads``
+rule into a ``sq_norms`` rule.
+"""
+
+import itertools
+
+from keras import ops
+
+from tan_keras.ghost.registry import use_ghost
+
+
+def _f32(x):
+    return ops.cast(x, "float32")
+
+
+def per_example_sum_sq(x):
+    """``Σ x_i²`` over all but the leading (example) axis: (B,)."""
+    return ops.sum(ops.reshape(ops.square(x), (ops.shape(x)[0], -1)), axis=1)
+
+
+def positions(x, last):
+    """Reshapes ``(B, ..., last)`` to ``(B, T, last)``."""
+    return ops.reshape(x, (ops.shape(x)[0], -1, last))
+
+
+def _as_blocks(a):
+    """A list of (B, T, d_j) blocks from one (B, T, d) tensor or a list of them."""
+    return list(a) if isinstance(a, (list, tuple)) else [a]
+
+
+def matmul_grad_sq_norms(a, g):
+    """``‖a_iᵀ g_i‖²_F`` for ``a`` (B, T, d) and ``g`` (B, T, p): per-example norms of a matmul's weight grad.
+
+    Ghost form ``Σ_{t,s} (a_i a_iᵀ)_{ts} (g_i g_iᵀ)_{ts}`` or explicit form
+    ``Σ (a_iᵀ g_i)²``, whichever ``use_ghost`` picks. ``a`` may also be a list
+    of blocks ``(B, T, d_j)`` standing for their concatenation along the last
+    axis (a conv's input patches, one block per kernel offset), which is never
+    formed.
+    """
+    blocks = _as_blocks(a)
+    num_positions, out_dim = g.shape[1], g.shape[2]
+    in_dim = sum(b.shape[2] for b in blocks)
+    if num_positions == 1:
+        a_sq = sum(ops.sum(ops.square(b), axis=(1, 2)) for b in blocks)
+        return a_sq * ops.sum(ops.square(g), axis=(1, 2))
+    if use_ghost(num_positions, in_dim, out_dim):
+        gram_a = sum(ops.einsum("btd,bsd->bts", b, b) for b in blocks)
+        gram_g = ops.einsum("btp,bsp->bts", g, g)
+        return ops.sum(gram_a * gram_g, axis=(1, 2))
+    return per_example_sum_sq(matmul_per_example_grads(blocks, g))
+
+
+def matmul_per_example_grads(a, g):
+    """``a_iᵀ g_i``: (B, d, p) per-example weight gradients of a matmul over T positions.
+
+    ``a`` is (B, T, d) or a list of blocks (B, T, d_j) standing for their
+    concatenation along the last axis (a conv's patches, one block per kernel
+    offset). The blocks are concatenated so that one batched matmul of depth T
+    reads ``g`` once (one matmul per block re-reads it for every offset).
+    """
+    blocks = _as_blocks(a)
+    a = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=-1)
+    return ops.einsum("btd,btp->bdp", a, g)
+
+
+def sq_norms_from(per_example_grads):
+    """A ``sq_norms`` rule from a ``per_example_grads`` rule that always returns its (small) gradients."""
+
+    def sq_norms(layer, inputs, output_grad):
+        total = ops.zeros((ops.shape(output_grad)[0],), "float32")
+        for _, grads in per_example_grads(layer, inputs, output_grad):
+            total = total + per_example_sum_sq(grads)
+        return total
+
+    sq_norms.__doc__ = per_example_grads.__doc__
+    return sq_norms
+
+
+def per_example(variable, grads):
+    """``(variable, grads)`` with ``grads`` reshaped to ``(B, *variable.shape)``."""
+    return variable, ops.reshape(grads, (ops.shape(grads)[0],) + tuple(variable.shape))
+
+
+def position_sum_sq(g):
+    """``‖Σ_t g_i,t‖²`` for ``g`` (B, T, p): per-example norms of a bias grad."""
+    return ops.sum(ops.square(ops.sum(g, axis=1)), axis=1)
+
+
+def _trainable(variable):
+    return variable is not None and variable.trainable
+
+
+def shifted_inputs(inputs, kernel_size, strides, padding, dilation_rate):
+    """A channels-last conv's input patches as one ``(B, T, C)`` block per kernel offset.
+
+    Block j holds, for every output position t, the input pixel that kernel
+    offset j (row-major over ``kernel_size``) multiplies: the conv is
+    ``z_t = Σ_j block_j[t] @ W[j]``. Strided slices of the padded input (the
+    conv's own TF-style "same"/"valid" padding), so no ``k``-fold patch tensor
+    is built.
+    """
+    x = inputs
+    spatial = x.shape[1:-1]
+    pads, outs = [[0, 0]], []
+    for size, k, s, d in zip(spatial, kernel_size, strides, dilation_rate):
+        span = (k - 1) * d + 1
+        if padding == "same":
+            out = -(-size // s)
+            total = max((out - 1) * s + span - size, 0)
+            pads.append([total // 2, total - total // 2])
+        else:
+            out = (size - span) // s + 1
+            pads.append([0, 0])
+        outs.append(out)
+    pads.append([0, 0])
+    if any(p != [0, 0] for p in pads):
+        x = ops.pad(x, pads)
+    blocks = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        index = (slice(None),) + tuple(
+            slice(j * d, j * d + s * (out - 1) + 1, s)
+            for j, d, s, out in zip(offset, dilation_rate, strides, outs)) + (slice(None),)
+        blocks.append(positions(x[index], x.shape[-1]))
+    return blocks
