@@ -44,24 +44,24 @@ y = rng.integers(0, 3, n).astype("int32")
 w = np.ones(n, "float32")
 w[16 - cfg["padding"]:16] = 0.0  # Poisson padding rows in the first batch (they land on the last replica)
 
-def build(physical_batch_size):
+def build(physical_batch_size, clipping):
     L, init = keras.layers, keras.initializers.GlorotUniform
     body = {
         "dense": [L.Dense(8, kernel_initializer=init(1)), L.GroupNormalization(2), L.Activation("tanh"),
                   L.Dense(3, kernel_initializer=init(2))],
         "wide": [L.Dense(64, kernel_initializer=init(1))],
     }[cfg["model"]]
-    return tan_keras.PrivateSequential([keras.Input(shape)] + body, clipping=cfg["clipping"],
+    return tan_keras.PrivateSequential([keras.Input(shape)] + body, clipping=clipping,
                                        physical_batch_size=physical_batch_size)
 
 def per_replica(variable):
     return [np.array(v) for v in getattr(variable.value, "_values", [variable.value])]
 
-def fit(distributed, sigma, physical_batch_size):
+def fit(distributed, sigma, physical_batch_size, clipping):
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cfg["replicas"])]) if distributed
                 else tf.distribute.get_strategy())
     with strategy.scope():
-        model = build(physical_batch_size)
+        model = build(physical_batch_size, clipping)
         model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=cfg["clip"], noise_multiplier=sigma, seed=0,
                                                 learning_rate=1.0, expected_batch_size=cfg["expected_batch_size"]),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -76,17 +76,18 @@ def fit(distributed, sigma, physical_batch_size):
             "seed_states": seeds, "copies": len(copies[0])}
 
 out = {}
-for p in cfg["physical_batch_sizes"]:
-    for sigma in cfg["sigmas"]:
-        for name, distributed in (("single", False), ("distributed", True)):
-            out[f"{name}/{p}/{sigma}"] = fit(distributed, sigma, p)
+for clipping in cfg["clippings"]:
+    for p in cfg["physical_batch_sizes"]:
+        for sigma in cfg["sigmas"]:
+            for name, distributed in (("single", False), ("distributed", True)):
+                out[f"{clipping}/{name}/{p}/{sigma}"] = fit(distributed, sigma, p, clipping)
 print("RESULT " + json.dumps(out))
 """
 
 
 def run_worker(**cfg):
     config = dict(replicas=REPLICAS, steps=1, padding=4, expected_batch_size=12.0, clip=0.5, sigmas=[0.0],
-                  physical_batch_sizes=[None], model="dense", clipping="vectorized")
+                  physical_batch_sizes=[None], model="dense", clippings=["vectorized"])
     config.update(cfg)
     root = str(pathlib.Path(tan_keras.__file__).resolve().parent.parent)
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
@@ -96,7 +97,7 @@ def run_worker(**cfg):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
     for key, run in out.items():
-        assert run["copies"] == (REPLICAS if key.startswith("distributed") else 1), "not mirrored"
+        assert run["copies"] == (REPLICAS if "/distributed/" in key else 1), "not mirrored"
     return out
 
 
@@ -110,10 +111,10 @@ if keras.backend.backend() == "tensorflow":
         clip statistics are the global ones, and every replica ends with the
         same weights.
         """
+        out = run_worker(clippings=["vectorized", "ghost"], clip=3.0, steps=2, physical_batch_sizes=[None, 2])
         for clipping in ("vectorized", "ghost"):
-            out = run_worker(clipping=clipping, clip=3.0, steps=2, physical_batch_sizes=[None, 2])
             for p in (None, 2):
-                single, distributed = out[f"single/{p}/0.0"], out[f"distributed/{p}/0.0"]
+                single, distributed = out[f"{clipping}/single/{p}/0.0"], out[f"{clipping}/distributed/{p}/0.0"]
                 assert 0.0 < single["logs"]["clip_fraction"] < 1.0  # some examples clipped, some not
                 assert np.abs(single["delta"]).max() > 1e-3  # a real update
                 np.testing.assert_allclose(distributed["delta"], single["delta"], rtol=1e-5, atol=1e-6,
@@ -134,16 +135,17 @@ if keras.backend.backend() == "tensorflow":
         """
         sigma, clip, b = 2.0, 0.5, 12.0
         out = run_worker(model="wide", clip=clip, sigmas=[0.0, sigma])
-        noise = {name: (np.array(out[f"{name}/None/{sigma}"]["delta"]) - np.array(out[f"{name}/None/0.0"]["delta"]))
+        run = {key[len("vectorized/"):]: value for key, value in out.items()}
+        noise = {name: (np.array(run[f"{name}/None/{sigma}"]["delta"]) - np.array(run[f"{name}/None/0.0"]["delta"]))
                  * b for name in ("single", "distributed")}
         assert noise["distributed"].size == 32 * 64 + 64
         band = 5 / np.sqrt(2 * noise["distributed"].size)
         for name in ("single", "distributed"):
             assert abs(noise[name].std() / (sigma * clip) - 1) < band, name
         np.testing.assert_allclose(noise["distributed"], noise["single"], atol=1e-5)
-        noised = out[f"distributed/None/{sigma}"]
+        noised = run[f"distributed/None/{sigma}"]
         np.testing.assert_allclose(noised["logs"]["noise_norm"], np.linalg.norm(noise["distributed"]) / b, rtol=1e-4)
         # One draw per variable, the same on every replica: the mirrored seed states agree and match one device.
-        single_state = out[f"single/None/{sigma}"]["seed_states"]
+        single_state = run[f"single/None/{sigma}"]["seed_states"]
         assert single_state != [[0, 0]] and noised["seed_states"] == single_state * REPLICAS
         assert noised["weight_spread"] == 0.0
