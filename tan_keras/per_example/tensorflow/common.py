@@ -48,7 +48,9 @@ def _unscaled_for_distribution():
     example's gradient and sums across replicas itself: a scaled ``ℓ_i``
     would shrink every unclipped gradient by R. Keras looks the function up
     on its module at each call, so swapping it for the identity while the
-    loss is traced turns that scaling off, and only that.
+    loss is traced turns that scaling off, and only that. (``MirroredStrategy``
+    traces its replicas' threads one at a time between merge points, and the
+    swap holds no merge point, so no other replica's trace sees it.)
     """
     if tf.distribute.get_strategy().num_replicas_in_sync <= 1:
         yield
