@@ -195,15 +195,31 @@ class _PrivateOptimizerMixin:
             noised.append(g / normalizer)
         return noised, ops.sqrt(noise_sq) / normalizer, ops.sqrt(signal_sq) / normalizer
 
-    def apply_private(self, grad_sum, normalizer, trainable_variables=None):
-        """Noise the (clipped) gradient sum, normalise, then run the Keras update."""
+    def apply_private(self, grad_sum, normalizer, trainable_variables=None, summed_across_replicas=False):
+        """Noise the (clipped) gradient sum, normalise, then run the Keras update.
+
+        ``summed_across_replicas=True`` (TensorFlow, in a ``tf.distribute``
+        replica context): ``grad_sum`` is already the sum over all replicas
+        and every replica holds the same value, draws the same noise from the
+        mirrored seed state, and applies the same update to its copy of the
+        variables; Keras's cross-replica sum of the gradients is then skipped
+        (it would add the noised gradient R times).
+        """
         noised, noise_norm, signal_norm = self.privatize(grad_sum, normalizer)
         self._in_private_apply = True
+        self._private_sum_is_global = summed_across_replicas
         try:
             self.apply(noised, trainable_variables)
         finally:
             self._in_private_apply = False
+            self._private_sum_is_global = False
         return noise_norm, signal_norm
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        """Keras's TF optimizer sums the gradients across replicas here; not a sum that is already global."""
+        if self._in_private_apply and getattr(self, "_private_sum_is_global", False):
+            return list(grads_and_vars)
+        return super()._all_reduce_sum_gradients(grads_and_vars)
 
     def apply(self, grads, trainable_variables=None):
         if self._in_private_apply:

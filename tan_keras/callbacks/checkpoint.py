@@ -7,6 +7,7 @@ budget's ledger. A resumed run continues the ε count and redraws the same
 batches and noise as an uninterrupted run.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,7 +133,10 @@ def restore_checkpoint(directory, model, *, sampler=None, ema=None, budget=None)
     if optimizer is None:
         raise ValueError("Compile the model before restoring a checkpoint.")
     if not optimizer.built:
-        optimizer.build(model.trainable_variables)
+        # Under tf.distribute the optimizer's variables must be created in the model's strategy scope.
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            optimizer.build(model.trainable_variables)
     with np.load(os.path.join(path, "model.npz")) as archive:
         _load_into(model.variables, archive, "model weights")
     with np.load(os.path.join(path, "optimizer.npz")) as archive:

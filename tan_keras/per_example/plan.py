@@ -17,7 +17,12 @@ class StepPlan:
       num_chunks: chunks per step; the batch is zero-weight padded to
         ``num_chunks * chunk_size`` examples.
       normalizer: B in ``(Σ clip + noise) / B``: the optimizer's
-        ``expected_batch_size`` (per unit) if set, else ``num_units``.
+        ``expected_batch_size`` (per unit) if set, else ``num_units``. Always
+        the *global* B: a per-device plan (``shard_plan``) keeps it.
+      data_axis: the mesh axis the batch is split over when the step
+        accumulates per device (JAX ``shard_map`` under a Keras
+        distribution), else None. Strategies use it to mark the constants
+        they differentiate against as device-varying.
     """
 
     batch_size: int
@@ -27,6 +32,7 @@ class StepPlan:
     chunk_size: int
     num_chunks: int
     normalizer: float
+    data_axis: str = None
 
     @property
     def padded_size(self):
@@ -59,6 +65,37 @@ def make_plan(batch_size, optimizer, physical_batch_size):
     expected = getattr(optimizer, "expected_batch_size", None)
     normalizer = float(expected) / k if expected is not None else float(m)
     return StepPlan(n, per_example, m, k, p, num_chunks, normalizer)
+
+
+def shard_plan(plan, num_shards, physical_batch_size, data_axis):
+    """The plan of one of ``num_shards`` devices that each hold ``batch_size / num_shards`` rows of ``plan``.
+
+    Each device clips its own rows in chunks of ``physical_batch_size`` (a
+    per-device memory bound); the clipped sums are then summed across the
+    devices, so the normaliser stays the global B. Microbatches (units of
+    ``unit_size`` consecutive examples) must not straddle two devices.
+    """
+    n = plan.batch_size
+    if n % num_shards:
+        raise ValueError(
+            f"The batch of {n} examples does not split evenly over the {num_shards} data-parallel devices. "
+            f"Feed batches whose size is a multiple of {num_shards} (tan_keras.sampling pads Poisson draws to "
+            f"multiples of physical_batch_size·num_shards: choose physical_batch_size so that this is a "
+            f"multiple of {num_shards}).")
+    local = n // num_shards
+    k = plan.unit_size
+    if plan.num_units % num_shards or local % k:
+        raise ValueError(
+            f"num_microbatches={plan.num_units} does not split over the {num_shards} data-parallel devices "
+            f"(each device holds {local} examples, microbatches of {k}): use a num_microbatches that is a "
+            f"multiple of {num_shards}, or num_microbatches=None.")
+    p = min(physical_batch_size or local, local)
+    if k > 1 and (p % k or local % p):
+        raise ValueError(
+            f"physical_batch_size={physical_batch_size} must divide the per-device batch size {local} and be "
+            f"a multiple of the microbatch size {k}.")
+    return StepPlan(local, plan.per_example, plan.num_units // num_shards, k, p, math.ceil(local / p),
+                    plan.normalizer, data_axis)
 
 
 def strategy(model):

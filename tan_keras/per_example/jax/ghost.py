@@ -72,7 +72,7 @@ def per_example_losses(model, trainable, non_trainable, metrics_variables, x, y,
 
 
 def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimizer_variables,
-                     x, y, sample_weight, l2_norm_clip):
+                     x, y, sample_weight, l2_norm_clip, data_axis=None):
     """``Σ_i clip_C(∇ℓ_i)`` by ghost clipping (or the vectorized path if a layer has no rule).
 
     Args:
@@ -82,6 +82,11 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
       x, y, sample_weight: one chunk of examples (leading axis = example);
         ``sample_weight`` is a (B,) array (ones if unweighted).
       l2_norm_clip: C.
+      data_axis: inside the step's per-device ``shard_map``, its mesh axis:
+        the probes are then marked device-varying, so that their cotangents
+        are each device's own ``∂ℓ_i/∂z_i`` (constants are device-invariant,
+        and ``vjp`` w.r.t. an invariant value sums the cotangents over the
+        devices).
 
     Returns:
       ``(grad_sum, norms, losses, y_pred, non_trainable)``: the clipped sum
@@ -99,6 +104,8 @@ def clipped_grad_sum(model, trainable, non_trainable, metrics_variables, optimiz
                                       x, y, sample_weight, l2_norm_clip)
 
     probes = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    if data_axis is not None:
+        probes = jax.lax.pcast(probes, data_axis, to="varying")
     watched = []
 
     def losses_fn(probes):
@@ -150,7 +157,7 @@ def clipped_chunk(model, plan, trainable, non_trainable, metrics_variables, opti
     """``(Σ_i clip_C(∇ℓ_i), loss sum, ŷ, norms, example mask, non_trainable)`` for one chunk (the step's interface)."""
     grad_sum, norms, losses, y_pred, new_nt = clipped_grad_sum(
         model, trainable, non_trainable, metrics_variables, optimizer_variables, xc, yc, swc,
-        model.optimizer.l2_norm_clip)
+        model.optimizer.l2_norm_clip, plan.data_axis)
     return grad_sum, jnp.sum(losses), y_pred, norms, (swc != 0).astype(trainable[0].dtype), new_nt
 
 

@@ -6,11 +6,26 @@ The step runs inside the ``jax.jit`` that Keras's JAX trainer builds around
 clipped sum of one chunk; the step never lends them anything back):
 ``vectorized.clipped_chunk`` and ``ghost.clipped_chunk``;
 ``vectorized.summed_chunk`` for Noisy-SGD (no clipping).
+
+Under a Keras distribution with a data axis (``keras.distribution.DataParallel``,
+or ``ModelParallel``'s batch axis) of R > 1 devices, the chunk loop runs per
+device (``_accumulate_per_device``): inside ``jax.shard_map`` over that axis,
+each device clips its own B/R rows in chunks of ``physical_batch_size`` (a
+per-device bound), then the clipped sums, loss sums and clip statistics are
+summed across the devices once (``psum``; no collective inside the loop).
+The noise is drawn after that, outside ``shard_map``, from the optimizer's
+replicated seed state: every device draws the same ``N(0, σ²C² I)`` and adds
+it to the same reduced sum, so the noise reaches the sum **once**, with std
+σC (not σC·√R), and the normaliser is the global B. Why not let XLA's SPMD
+partitioner split the global step: it compiles ``vmap(grad(conv))`` with a
+sharded batch wrongly on JAX 0.10.2 (``docs/repro/jax_vmap_conv_grad_sharded.py``)
+and all-reduces inside the chunk loop.
 """
 
 import jax
 import jax.numpy as jnp
 import keras
+from jax.sharding import PartitionSpec
 
 from tan_keras import clipping
 from tan_keras.layer_checks import check_private_layers
@@ -77,10 +92,57 @@ def _accumulate(model, plan, state, x, y, sample_weight):
         return (grad_sum, loss_sum + loss, stats_sum + stats, nt), y_pred
 
     dtype = trainable[0].dtype
-    init = ([jnp.zeros_like(v) for v in trainable], jnp.zeros((), dtype), jnp.zeros((4,), dtype), non_trainable)
+    loss_init, stats_init = jnp.zeros((), dtype), jnp.zeros((4,), dtype)
+    if plan.data_axis is not None:  # per device: the scan carry holds device-varying sums
+        loss_init, stats_init = jax.lax.pcast((loss_init, stats_init), plan.data_axis, to="varying")
+    init = ([jnp.zeros_like(v) for v in trainable], loss_init, stats_init, non_trainable)
     chunks = _pad_chunks((x, y, sample_weight), plan)
     (grad_sum, loss_sum, stats, non_trainable), y_pred = scan_chunks(body, init, chunks, plan)
     return grad_sum, loss_sum, y_pred, non_trainable, stats
+
+
+def data_parallel_axis():
+    """``(axis name, R, jax Mesh)`` of the set Keras distribution's data axis, or None (no split)."""
+    distribution = keras.distribution.distribution()
+    axis = getattr(distribution, "batch_dim_name", None)
+    if axis is None:
+        return None
+    mesh = distribution.device_mesh.backend_mesh
+    replicas = int(mesh.shape[axis])
+    return (axis, replicas, mesh) if replicas > 1 else None
+
+
+def _agreed(tree, axis):
+    """Non-trainable values updated on every device made device-invariant: floats averaged, others (seed
+    states, counters: the same on every device) by max."""
+
+    def one(a):
+        return jax.lax.pmean(a, axis) if jnp.issubdtype(a.dtype, jnp.inexact) else jax.lax.pmax(a, axis)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _accumulate_per_device(model, plan, split, state, x, y, sample_weight):
+    """``_accumulate`` on each device's rows inside ``shard_map``; sums, loss and stats ``psum``-ed once.
+
+    The state is marked device-varying (``pcast``): otherwise the transpose
+    of the replicated weights' use in ``grad`` would sum each example's
+    gradient with its partners on the other devices.
+    """
+    axis, replicas, mesh = split
+    local_plan = plans.shard_plan(plan, replicas, model.physical_batch_size, axis)
+
+    def local(state, x, y, sample_weight):
+        state = jax.lax.pcast(state, axis, to="varying")
+        grad_sum, loss_sum, y_pred, non_trainable, stats = _accumulate(model, local_plan, state, x, y,
+                                                                       sample_weight)
+        grad_sum, loss_sum, stats = jax.lax.psum((grad_sum, loss_sum, stats), axis)
+        return grad_sum, loss_sum, y_pred, _agreed(non_trainable, axis), stats
+
+    replicated, rows = PartitionSpec(), PartitionSpec(axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(replicated, rows, rows, rows),
+                         out_specs=(replicated, replicated, rows, replicated, replicated))(
+        state, x, y, sample_weight)
 
 
 def _updated(variables, old_values, scope):
@@ -99,7 +161,12 @@ def private_train_step(model, state, data):
     optimizer = model.optimizer
     plan = plans.make_plan(batch_size, optimizer, model.physical_batch_size)
     weights = sample_weight if sample_weight is not None else jnp.ones((batch_size,), trainable[0].dtype)
-    grad_sum, loss_sum, y_pred, non_trainable, stats = _accumulate(model, plan, state, x, y, weights)
+    split = data_parallel_axis()
+    if split is None:
+        grad_sum, loss_sum, y_pred, non_trainable, stats = _accumulate(model, plan, state, x, y, weights)
+    else:
+        grad_sum, loss_sum, y_pred, non_trainable, stats = _accumulate_per_device(
+            model, plan, split, state, x, y, weights)
 
     mapping = list(zip(model.trainable_variables, trainable)) + list(zip(optimizer.variables, optimizer_variables))
     with keras.StatelessScope(state_mapping=mapping) as scope:

@@ -1,6 +1,9 @@
 """TensorFlow helpers shared by the step and both strategies: the XLA boundary, the scalar loss, the batch size."""
 
+import contextlib
+
 import tensorflow as tf
+from keras.src.losses import loss as keras_loss
 
 
 def compiled(fn):
@@ -34,10 +37,38 @@ def call_model(model, x):
     return model(x, training=True) if model._call_has_training_arg else model(x)
 
 
+@contextlib.contextmanager
+def _unscaled_for_distribution():
+    """Keras's losses as on one device, in a ``tf.distribute`` replica context (at trace time).
+
+    Under a strategy with R > 1 replicas Keras multiplies its reduced losses
+    (mean-type reductions and ``add_loss`` terms) by 1/R
+    (``keras.src.losses.loss.scale_loss_for_distribution``), because its own
+    step sums the R replicas' mean gradients. The private step clips each
+    example's gradient and sums across replicas itself: a scaled ``ℓ_i``
+    would shrink every unclipped gradient by R. Keras looks the function up
+    on its module at each call, so swapping it for the identity while the
+    loss is traced turns that scaling off, and only that. (``MirroredStrategy``
+    traces its replicas' threads one at a time between merge points, and the
+    swap holds no merge point, so no other replica's trace sees it.)
+    """
+    if tf.distribute.get_strategy().num_replicas_in_sync <= 1:
+        yield
+        return
+    original = keras_loss.scale_loss_for_distribution
+    keras_loss.scale_loss_for_distribution = lambda value: value
+    try:
+        yield
+    finally:
+        keras_loss.scale_loss_for_distribution = original
+
+
 def compute_loss(model, x, y, y_pred, sample_weight):
     """The compiled loss as a scalar: the mean over examples of a ``reduction="none"`` loss (TF Privacy's
-    convention), which is what Keras's default ``"sum_over_batch_size"`` gives."""
-    loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    convention), which is what Keras's default ``"sum_over_batch_size"`` gives. Under ``tf.distribute`` it
+    is the loss as on one device (not Keras's per-replica 1/R share)."""
+    with _unscaled_for_distribution():
+        loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
     return tf.reduce_mean(loss) if loss.shape.rank else loss
 
 

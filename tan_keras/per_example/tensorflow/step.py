@@ -13,6 +13,20 @@ size is static.
 Strategies (each gives the clipped sum of one chunk; the step never lends
 them anything back): ``vectorized.clipped_chunk`` and ``ghost.clipped_chunk``;
 ``vectorized.summed_chunk`` for Noisy-SGD (no clipping).
+
+Under ``tf.distribute`` (``MirroredStrategy``, ``MultiWorkerMirroredStrategy``)
+Keras runs this step once per replica on the replica's share of the global
+batch. Each replica clips its own examples; the clipped sums, loss sums, clip
+statistics and example counts are then summed across the R replicas with one
+``all_reduce`` (``_sum_across_replicas``). The noise is **added once**, to
+that global sum: every replica holds the same sum and the same mirrored seed
+state, so every replica draws the same ``N(0, σ²C² I)`` and computes the same
+update ``(Σ_{all replicas} clip + z) / B``, with B the global batch
+(``expected_batch_size``, or the global number of units); the optimizer
+skips Keras's own cross-replica gradient sum for it
+(``apply_private(..., summed_across_replicas=True)``). The noise std on the
+sum is σC, as on one device, and with the same seed the draw is the
+single-device draw.
 """
 
 import keras
@@ -77,6 +91,29 @@ def _chunk_fn(model, variables, per_example, unit_size):
     return chunk
 
 
+def _replica_context():
+    """The ``tf.distribute`` replica context when the step runs on one of R > 1 replicas, else None."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context
+
+
+def _sum_across_replicas(context, model, grad_sum, loss_sum, stats, num_real, normalizer):
+    """Sums over the replicas, in one ``all_reduce``: the normaliser becomes the global B."""
+    optimizer = model.optimizer
+    if optimizer.requires_per_example and optimizer.num_microbatches is not None:
+        raise ValueError(
+            f"num_microbatches={optimizer.num_microbatches} under tf.distribute with "
+            f"{context.num_replicas_in_sync} replicas: microbatches would be cut from each replica's "
+            "share of the batch. Use num_microbatches=None (clip every example), or one device.")
+    global_units = optimizer.expected_batch_size is None
+    values = [grad_sum, loss_sum, stats, num_real] + ([tf.cast(normalizer, loss_sum.dtype)] if global_units else [])
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+    grad_sum, loss_sum, stats, num_real = summed[:4]
+    return grad_sum, loss_sum, stats, num_real, summed[4] if global_units else normalizer
+
+
 def private_train_step(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     if not model.built:  # subclassed models create their variables on first call
@@ -121,12 +158,18 @@ def private_train_step(model, data):
             lambda i, *_: i < num_chunks, body, init)
         y_pred = tf.nest.pack_sequence_as(structure["y_pred"], [ta.concat()[:n] for ta in arrays])
 
-    noise_norm, signal_norm = model.optimizer.apply_private(grad_sum, normalizer, variables)
+    # Mean over real examples: zero-weight rows are Poisson padding.
+    num_real = tf.reduce_sum(tf.cast(weights != 0, loss_sum.dtype))
+    context = _replica_context()
+    if context is not None:
+        grad_sum, loss_sum, stats, num_real, normalizer = _sum_across_replicas(
+            context, model, grad_sum, loss_sum, stats, num_real, normalizer)
+    noise_norm, signal_norm = model.optimizer.apply_private(grad_sum, normalizer, variables,
+                                                            summed_across_replicas=context is not None)
     finite = clipping.all_finite(list(variables) + [noise_norm])
     tf.debugging.Assert(finite, [clipping.NONFINITE_STEP_MESSAGE])
     dp_values = clipping.dp_metric_values(stats, signal_norm, noise_norm, finite)
-    # Mean over real examples: zero-weight rows are Poisson padding.
-    num_real = tf.maximum(tf.reduce_sum(tf.cast(weights != 0, loss_sum.dtype)), 1.0)
+    num_real = tf.maximum(num_real, 1.0)
     model._loss_tracker.update_state(loss_sum / num_real, sample_weight=num_real)
     for tracker, value in zip(model._dp_metrics(), dp_values):
         tracker.update_state(value)
