@@ -285,16 +285,42 @@ if BACKEND == "tensorflow":  # JAX always compiles the whole step with XLA
         visit(graph_def.node, False)
         return inside, outside
 
-    @pytest.mark.parametrize("clipping", ["vectorized", "ghost"])
     @pytest.mark.parametrize("physical_batch_size", [None, 3])
-    def test_tensorflow_step_runs_every_batched_matmul_under_xla(clipping, physical_batch_size):
-        """Pins the oneDNN fix on every CPU: no BatchMatMulV2 of the traced TF step runs outside XLA."""
+    def test_tensorflow_ghost_step_runs_every_batched_matmul_under_xla(physical_batch_size):
+        """Pins the oneDNN fix on every CPU: no BatchMatMulV2 of the traced TF ghost step runs outside XLA."""
         import tensorflow as tf
 
-        model, loss, x, y = build(einsum_dense, clipping)
+        model, loss, x, y = build(einsum_dense, "ghost")
         model.physical_batch_size = physical_batch_size
         step = tf.function(model.train_step)
         graph_def = step.get_concrete_function((tf.constant(x), tf.constant(y))).graph.as_graph_def()
         inside, outside = _ops_by_compilation(graph_def)
         assert "BatchMatMulV2" in inside
         assert "BatchMatMulV2" not in outside
+
+    @pytest.mark.parametrize("physical_batch_size", [None, 3])
+    def test_tensorflow_vectorized_step_converts_batched_matmuls_without_broadcast(physical_batch_size, monkeypatch):
+        """Pins the oneDNN fix on every CPU: the vectorized step's per-example matmuls go through our pfor
+        converter (no broadcast [B, 1, M, K] x [K, N] batch matmul), and pfor's own converter is restored after."""
+        import tensorflow as tf
+        from tensorflow.python.ops.parallel_for import pfor
+
+        from tan_keras.per_example.tensorflow import common
+
+        converted = []
+        make = common._batch_matmul_converter
+
+        def counting(original):
+            convert = make(original)
+            return lambda pfor_input: converted.append(pfor_input.op.name) or convert(pfor_input)
+
+        monkeypatch.setattr(common, "_batch_matmul_converter", counting)
+        original = pfor._pfor_converter_registry["BatchMatMulV2"]
+        model, loss, x, y = build(einsum_dense, "vectorized")
+        model.physical_batch_size = physical_batch_size
+        graph_def = tf.function(model.train_step).get_concrete_function(
+            (tf.constant(x), tf.constant(y))).graph.as_graph_def()
+        assert converted, "no per-example BatchMatMulV2 went through the rewritten converter"
+        assert pfor._pfor_converter_registry["BatchMatMulV2"] is original
+        inside, _ = _ops_by_compilation(graph_def)
+        assert "BatchMatMulV2" not in inside  # the vectorized strategy is not compiled (XLA:CPU conv loops are slow)

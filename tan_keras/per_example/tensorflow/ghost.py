@@ -28,7 +28,7 @@ from tan_keras.ghost.bookkeeping import norms_and_clipped_sum
 from tan_keras.ghost.capture import capture, foreign_read_reason, pre_activation_output
 from tan_keras.ghost.registry import check_calls, ghost_plan, log_fallback
 from tan_keras.per_example.tensorflow import vectorized
-from tan_keras.per_example.tensorflow.common import as_tensors, call_model, compiled, compute_loss
+from tan_keras.per_example.tensorflow.common import as_tensors, call_model, compiled, compute_loss, exact_batch_matmul
 
 
 def per_example_losses(model, x, y, y_pred, sample_weight):
@@ -48,9 +48,10 @@ def per_example_losses(model, x, y, y_pred, sample_weight):
         grads = tape.gradient(loss, pi, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return loss, tf.nest.map_structure(lambda a: a[0], grads)
 
-    if y is None:
-        return tf.vectorized_map(lambda args: one((args[0], None, args[1], args[2])), (x, y_pred, sample_weight))
-    return tf.vectorized_map(one, (x, y, y_pred, sample_weight))
+    with exact_batch_matmul():
+        if y is None:
+            return tf.vectorized_map(lambda args: one((args[0], None, args[1], args[2])), (x, y_pred, sample_weight))
+        return tf.vectorized_map(one, (x, y, y_pred, sample_weight))
 
 
 def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):

@@ -1,10 +1,11 @@
 """TensorFlow private train step: layout, chunk loop and padding, statistics, hand-off to the optimizer.
 
 The step runs inside the ``tf.function`` Keras's TF trainer builds around
-``train_step`` and so honours ``compile(jit_compile=...)``; the per-example
-part of each chunk (the chosen strategy's clipped sum) always runs under XLA
-(``common.compiled``: oneDNN's batched matmul is wrong for the shapes
-``vectorized_map`` produces). Chunks of ``physical_batch_size`` examples are
+``train_step`` and so honours ``compile(jit_compile=...)``. oneDNN's batched
+matmul is wrong for the shapes ``vectorized_map`` produces
+(``docs/tf_onednn_batch_matmul.md``): the ghost strategy's chunk runs under
+XLA (``common.compiled``), the vectorized one is traced with pfor's
+batch-matmul converter rewritten (``common.exact_batch_matmul``). Chunks of ``physical_batch_size`` examples are
 processed in a ``tf.while_loop``. Keras traces with
 ``reduce_retracing=True``, so the batch size may be dynamic here: the layout
 is computed with tensors, and ``plan.make_plan`` is used only when the batch
@@ -33,6 +34,7 @@ import keras
 import tensorflow as tf
 
 from tan_keras import clipping
+from tan_keras.ghost.registry import ghost_plan, log_fallback
 from tan_keras.layer_checks import check_private_layers
 from tan_keras.per_example import plan as plans
 from tan_keras.per_example.tensorflow import ghost, vectorized
@@ -78,17 +80,23 @@ def _chunk_fn(model, variables, per_example, unit_size):
         return unclipped
     strategy = plans.strategy(model)
     if strategy == "ghost":
+        reason = ghost_plan(model).reason
+        if reason is not None:  # a layer without a rule: vectorized, outside XLA (see ``common.compiled``)
+            log_fallback(model, reason)
+            strategy = "vectorized"
+    if strategy == "ghost":
         clipped = lambda xc, yc, swc: ghost.clipped_chunk(model, variables, xc, yc, swc)  # noqa: E731
     else:
         clipped = lambda xc, yc, swc: vectorized.clipped_chunk(model, variables, unit_size, xc, yc, swc)  # noqa: E731
 
-    @compiled
     def chunk(xc, yc, swc):
         grads, loss, y_pred, norms, unit_mask = clipped(xc, yc, swc)
         stats = clipping.unit_stats(norms, unit_mask, optimizer.l2_norm_clip)
         return grads, loss, y_pred, tf.cast(stats, loss.dtype)
 
-    return chunk
+    # Ghost under XLA (exact whatever oneDNN does, and faster); vectorized traced with
+    # ``exact_batch_matmul`` instead (XLA:CPU runs its conv loop ~20× slower).
+    return compiled(chunk) if strategy == "ghost" else chunk
 
 
 def _replica_context():

@@ -1,14 +1,16 @@
 """TensorFlow vectorized strategy: ``tf.vectorized_map`` over a per-example ``GradientTape``.
 
 Gives the clipped sum of one chunk from materialized per-example (or
-per-microbatch) gradients; any layer works. Called under XLA by the step
-(``common.compiled``). Also the unclipped sum of one chunk, for Noisy-SGD.
+per-microbatch) gradients; any layer works. Traced with pfor's batch-matmul
+converter rewritten (``common.exact_batch_matmul``) so that no broadcast
+``BatchMatMulV2`` reaches oneDNN. Also the unclipped sum of one chunk, for
+Noisy-SGD.
 """
 
 import tensorflow as tf
 
 from tan_keras import clipping
-from tan_keras.per_example.tensorflow.common import call_model, compiled, compute_loss
+from tan_keras.per_example.tensorflow.common import call_model, compute_loss, exact_batch_matmul
 
 
 def example_grads_fn(model, variables):
@@ -32,7 +34,8 @@ def clipped_chunk(model, variables, unit_size, xc, yc, swc):
     consecutive examples; ``unit_size`` may be a tensor for a partial batch).
     """
     optimizer = model.optimizer
-    grads, losses, y_pred = tf.vectorized_map(example_grads_fn(model, variables), (xc, yc, swc))
+    with exact_batch_matmul():
+        grads, losses, y_pred = tf.vectorized_map(example_grads_fn(model, variables), (xc, yc, swc))
     real = tf.cast(swc != 0, grads[0].dtype)
     if optimizer.num_microbatches is not None:
         groups = tf.shape(swc)[0] // unit_size  # shapes, never a Python bool on a tensor
@@ -55,15 +58,18 @@ def summed_chunk(model, variables, xc, yc, swc):
 
 def clipped_sum(model, variables, x, y, sample_weight, l2_norm_clip):
     """``(Σ_i clip_C(∇ℓ_i), norms, losses, ŷ)`` of per-example units (the ghost strategy's fallback)."""
-    grads, losses, y_pred = tf.vectorized_map(example_grads_fn(model, variables), (x, y, sample_weight))
+    with exact_batch_matmul():
+        grads, losses, y_pred = tf.vectorized_map(example_grads_fn(model, variables), (x, y, sample_weight))
     norms = clipping.global_norms(grads)
     return clipping.weighted_sum(grads, clipping.clip_factors(norms, l2_norm_clip)), norms, losses, y_pred
 
 
 def per_example_gradients(model, x, y, sample_weight):
-    """Per-example gradients of the compiled loss (leading axis = example), under XLA as in the step."""
+    """Per-example gradients of the compiled loss (leading axis = example), traced as in the step."""
 
+    @tf.function
     def grads(x, y, weights):
-        return tf.vectorized_map(example_grads_fn(model, model.trainable_variables), (x, y, weights))[0]
+        with exact_batch_matmul():
+            return tf.vectorized_map(example_grads_fn(model, model.trainable_variables), (x, y, weights))[0]
 
-    return compiled(grads)(x, y, sample_weight)
+    return grads(x, y, sample_weight)
