@@ -247,7 +247,7 @@ def test_default_clipping_is_auto_and_picks_ghost_only_when_every_layer_has_a_ru
             return inputs * self.s
 
     inputs = keras.Input((4,))
-    model = tan_keras.make_private(keras.Model(inputs, keras.layers.Dense(3)(Scale()(inputs))))
+    model = tan_keras.make_private(keras.Model(inputs, keras.layers.Dense(3)(Scale(name="unruled_scale")(inputs))))
     model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=0.0), loss=MSE)
     x = np.random.default_rng(0).normal(size=(N, 4)).astype("float32")
     import logging
@@ -256,7 +256,7 @@ def test_default_clipping_is_auto_and_picks_ghost_only_when_every_layer_has_a_ru
         model.fit(x, x[:, :3], batch_size=N, epochs=2, verbose=0)
     fallbacks = [r for r in caplog.records if "Using vectorized" in r.getMessage()]
     assert len(fallbacks) == 1 and fallbacks[0].levelno == logging.INFO
-    assert "'scale'" in fallbacks[0].getMessage()
+    assert "'unruled_scale' (Scale)" in fallbacks[0].getMessage()
     tan_keras.check_per_example(model, x, x[:, :3])
 
 

@@ -185,7 +185,7 @@ def private_train_step(model, data):
 
 
 def per_example_gradients(model, x, y=None, sample_weight=None):
-    """Per-example gradients of the compiled loss (leading axis = example), under XLA as in the step."""
+    """Per-example gradients of the compiled loss (leading axis = example), traced as the vectorized step is."""
     return vectorized.per_example_gradients(model, *as_tensors(x, y, sample_weight))
 
 
