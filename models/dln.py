@@ -133,7 +133,8 @@ def diagonal_linear_network_per_example_grads(layer, inputs, output_grad):
     return pairs
 
 
-register_ghost_norm(DiagonalLinearNetwork, per_example_grads=diagonal_linear_network_per_example_grads)(
+register_ghost_norm(DiagonalLinearNetwork, per_example_grads=diagonal_linear_network_per_example_grads,
+                    views=True)(
     sq_norms_from(diagonal_linear_network_per_example_grads))
 
 

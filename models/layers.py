@@ -25,8 +25,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from tan_keras.ghost import (matmul_grad_sq_norms, matmul_per_example_grads, per_example, position_sum_sq,
-                             positions, register_ghost_norm, shifted_inputs, sq_norms_from, use_ghost)
+from tan_keras.ghost import (example_sums, matmul_grad_sq_norms, matmul_per_example_grads, per_example,
+                             position_sum_sq, positions, register_ghost_norm, shifted_inputs, sq_norms_from, use_ghost)
 
 #: gamma such that ``gamma * relu(z)`` has unit variance for ``z ~ N(0, 1)``.
 #: Analytically ``Var(relu(z)) = (1 - 1/pi) / 2``, i.e. ``gamma = sqrt(2 / (1 - 1/pi))
@@ -274,7 +274,7 @@ def scaled_ws_conv_per_example_grads(layer, inputs, output_grad):
     return pairs
 
 
-@register_ghost_norm(ScaledWSConv2D, per_example_grads=scaled_ws_conv_per_example_grads)
+@register_ghost_norm(ScaledWSConv2D, per_example_grads=scaled_ws_conv_per_example_grads, views=True)
 def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
     """NF-ResNet scaled weight-standardized conv, ``z = conv(a, γ·u(W)) + b``.
 
@@ -383,8 +383,8 @@ def skip_init_gain_per_example_grads(layer, inputs, output_grad):
     if not layer.skip_gain.trainable:
         return []
     dot = ops.sum(ops.reshape(_f32(output_grad) * _f32(inputs), (ops.shape(inputs)[0], -1)), axis=1)
-    return [per_example(layer.skip_gain, layer.alpha * dot)]
+    return [per_example(layer.skip_gain, layer.alpha * example_sums(dot))]
 
 
-register_ghost_norm(SkipInitGain, per_example_grads=skip_init_gain_per_example_grads)(
+register_ghost_norm(SkipInitGain, per_example_grads=skip_init_gain_per_example_grads, views=True)(
     sq_norms_from(skip_init_gain_per_example_grads))

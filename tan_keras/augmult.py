@@ -30,10 +30,23 @@ augmentation.
 
 .. warning:: ``physical_batch_size`` counts examples: a chunk of p examples
    runs the network on ``p·K`` images. Divide it by K to keep memory flat.
+Clipping strategies. Both clip the *example* (the mean of its K views), never
+a view:
+
+* ghost (the default ``clipping="auto"`` when every layer has a ghost-norm rule
+  that groups views): the inner network runs once on the ``n·K`` views, and
+  the norms treat an example's K views as one example whose positions are the
+  views' positions together (``∇W_i = Σ_j a_ijᵀ g_ij``,
+  ``tan_keras.ghost.norms``); the example's clip factor scales the output
+  gradients of all K views in book-keeping;
+* vectorized: per-example gradients of the loss above (``vmap`` /
+  ``vectorized_map`` over examples, each running its K views).
+
 .. warning:: The inner network sees ``n·K`` rows, K per example. A
-   per-example-norm shortcut that treats each row as an example (e.g. ghost
-   clipping) would clip each *view*; such a path must group rows by
-   ``model.views_per_example`` or fall back to per-example gradients.
+   per-example-norm shortcut that treats each row as an example would clip
+   each *view*; ghost rules group rows by ``model.views_per_example``
+   (``register_ghost_norm(..., views=True)``), and a model with a rule that
+   does not falls back to the vectorized path.
 """
 
 import numbers
@@ -91,13 +104,17 @@ class AugMultModel(PrivateTrainerMixin, keras.Model):
       padding: crop padding for ``"crop_flip"``.
       seed: int seed of the augmentations.
       physical_batch_size: examples per on-device chunk (each runs p·K views).
+      clipping: ``"auto"`` (ghost clipping when every layer's rule groups the
+        views, else vectorized), ``"ghost"`` or ``"vectorized"``, as
+        ``make_private``.
     """
 
-    def __init__(self, model, k, augment="crop_flip", padding=4, seed=None, physical_batch_size=None, **kwargs):
+    def __init__(self, model, k, augment="crop_flip", padding=4, seed=None, physical_batch_size=None,
+                 clipping="auto", **kwargs):
         # Not a subclass of PrivateModel: once PrivateModel(inputs, outputs) has been called, Keras
         # rewrites PrivateModel's bases to Functional for the whole process (inject_functional_model_class).
         super().__init__(**kwargs)
-        self._init_private(physical_batch_size, "auto")
+        self._init_private(physical_batch_size, clipping)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"`k` (augmentation multiplicity K) must be a positive int, got {k!r}.")
         if augment == "crop_flip":
@@ -167,6 +184,10 @@ class AugMultModel(PrivateTrainerMixin, keras.Model):
             y = None if y is None else ops.repeat(y, self.k, axis=0)
             if sample_weight is not None:
                 sample_weight = ops.repeat(sample_weight, self.k, axis=0)
+                if len(sample_weight.shape) == 1 and len(y_pred.shape) > 2:
+                    # One weight per view, broadcast over the loss's other axes (a sequence output's
+                    # (n·K, T) loss): Keras would broadcast a (n·K,) weight against its last axis.
+                    sample_weight = ops.reshape(sample_weight, (-1,) + (1,) * (len(y_pred.shape) - 2))
         return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
@@ -180,7 +201,7 @@ class AugMultModel(PrivateTrainerMixin, keras.Model):
             raise NotImplementedError("An AugMultModel with a custom `augment` function cannot be serialized.")
         return {"model": keras.saving.serialize_keras_object(self.inner), "k": self.k,
                 "augment": self._augment_name, "padding": self.padding,
-                "physical_batch_size": self.physical_batch_size, "name": self.name}
+                "physical_batch_size": self.physical_batch_size, "clipping": self.clipping, "name": self.name}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -13,8 +13,6 @@ that many examples inside the compiled step (``lax.scan`` / ``tf.while_loop``),
 the clipped sums are accumulated, and noise is added once.
 """
 
-import warnings
-
 import keras
 
 from tan_keras import optimizers as dp_optimizers
@@ -22,8 +20,8 @@ from tan_keras import per_example
 from tan_keras.layer_checks import check_private_layers  # noqa: F401 (public: tan_keras.check_private_layers)
 
 #: ``"auto"`` (the default): ghost clipping (book-keeping) when every trainable
-#: layer has a ghost-norm rule and the model is not an AugMult wrapper, else
-#: vectorized, with the reason logged once (INFO).
+#: layer has a ghost-norm rule (for an AugMult wrapper: one that groups the K
+#: views of an example), else vectorized, with the reason logged once (INFO).
 #: ``"vectorized"``: per-example gradients (vmap / vectorized_map), any layer.
 #: ``"ghost"``: per-example norms from layer inputs and output gradients
 #: (``tan_keras.ghost``), then the book-keeping clipped sum; models with
@@ -74,16 +72,8 @@ class PrivateTrainerMixin:
     @property
     def uses_ghost_clipping(self):
         """Whether the step tries ghost clipping (it still falls back per model, see ``tan_keras.ghost.ghost_plan``)."""
-        mode = getattr(self, "clipping", "auto")
-        if mode == "vectorized":
-            return False
-        if getattr(self, "views_per_example", 1) > 1:
-            # AugMult: the inner model sees n·K rows; a view is not a unit of privacy.
-            if mode == "ghost":
-                warnings.warn("Ghost clipping does not group AugMult views; using vectorized per-example "
-                              "gradients, which average the K views before clipping.", stacklevel=2)
-            return False
-        return True
+        # AugMult (``views_per_example`` K > 1) included: its norms group each example's K views.
+        return getattr(self, "clipping", "auto") != "vectorized"
 
     @property
     def is_private(self):

@@ -91,3 +91,27 @@ def test_augmult_trains_on_views_and_evaluates_on_plain_images():
     assert model.predict(x, verbose=0).shape == (8, 3)
     with pytest.raises(ValueError, match="positive int"):
         augmult.wrap(inner, 0)
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "vectorized"])
+def test_augmult_example_with_a_non_finite_view_is_dropped_exactly(clipping):
+    """One NaN pixel in one example: its K views (and only they) add exactly 0, on both strategies."""
+    x = np.random.default_rng(0).normal(size=(16, 6, 6, 1)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, size=(16,)).astype("int32")
+    x_bad = x.copy()
+    x_bad[5, 2, 2, 0] = np.nan
+    weights = {}
+    for name, data, labels in (("bad", x_bad, y), ("dropped", np.delete(x, 5, axis=0), np.delete(y, 5))):
+        keras.utils.set_random_seed(0)
+        inner = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3), keras.layers.GroupNormalization(2),
+                                  keras.layers.Flatten(), keras.layers.Dense(3)])
+        model = augmult.wrap(inner, 2, augment=lambda views, seed: views * ops.convert_to_tensor([1.0, -1.0])[
+            None, :, None, None, None], clipping=clipping)
+        model.compile(optimizer=tan_keras.DPSGD(1.0, 0.0, expected_batch_size=16, learning_rate=0.5), loss=LOSS)
+        history = model.fit(data, labels, batch_size=len(data), epochs=1, verbose=0, shuffle=False)
+        weights[name] = inner.get_weights()
+        if name == "bad":
+            assert history.history["nonfinite_examples"] == [1.0]
+    for got, want in zip(weights["bad"], weights["dropped"]):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

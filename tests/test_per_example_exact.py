@@ -25,6 +25,7 @@ import pytest
 import tan_keras
 from models import dln, layers as model_layers, nf_resnet, wrn
 from tan_keras import ghost_norms
+from tan_keras.per_example import plan as plans
 
 BACKEND = keras.backend.backend()
 N = 6
@@ -324,3 +325,120 @@ if BACKEND == "tensorflow":  # JAX always compiles the whole step with XLA
         assert pfor._pfor_converter_registry["BatchMatMulV2"] is original
         inside, _ = _ops_by_compilation(graph_def)
         assert "BatchMatMulV2" not in inside  # the vectorized strategy is not compiled (XLA:CPU conv loops are slow)
+
+
+# --------------------------------------------------------------------------
+# AugMult: an example is the mean of its K views' gradients, clipped once
+# --------------------------------------------------------------------------
+
+K = 3
+VIEW_SCALES, VIEW_SHIFTS = (1.0, -0.5, 2.0), (0.0, 0.3, -0.2)
+
+
+def _view_fn(integer):
+    """Deterministic views of a (n, K, ...) batch: view j is ``s_j·x + t_j`` (floats) or x rolled by j (token ids)."""
+    def numpy_views(x):  # (n, ...) -> (n, K, ...)
+        if integer:
+            return np.stack([np.roll(x, j, axis=-1) for j in range(K)], axis=1)
+        return np.stack([s * x + t for s, t in zip(VIEW_SCALES, VIEW_SHIFTS)], axis=1).astype("float32")
+
+    def augment(views, seed):
+        ops = keras.ops
+        if integer:
+            return ops.stack([ops.roll(views[:, j], j, axis=-1) for j in range(K)], axis=1)
+        return ops.stack([s * views[:, j] + t for j, (s, t) in enumerate(zip(VIEW_SCALES, VIEW_SHIFTS))], axis=1)
+
+    return numpy_views, augment
+
+
+def loop_augmult_grads(inner, numpy_views, x, y, loss):
+    """∇ of ``(1/K) Σ_j ℓ(f(view_j(x_i)), y_i)`` for each example alone, by the backend's own autodiff."""
+    views = numpy_views(x)
+    rows = [(views[i], np.repeat(y[i:i + 1], K, axis=0)) for i in range(len(x))]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        out = []
+        for vi, yi in rows:
+            with tf.GradientTape() as tape:
+                value = keras.ops.mean(loss(yi, inner(vi, training=True)))
+            out.append([np.asarray(tf.convert_to_tensor(g)) for g in tape.gradient(
+                value, inner.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)])
+        return out
+    import jax
+
+    non_trainable = [v.value for v in inner.non_trainable_variables]
+
+    def one(trainable, vi, yi):
+        y_pred, _ = inner.stateless_call(trainable, non_trainable, vi, training=True)
+        return keras.ops.mean(loss(yi, y_pred))
+
+    trainable = [v.value for v in inner.trainable_variables]
+    return [[np.asarray(g) for g in jax.grad(one)(trainable, vi, yi)] for vi, yi in rows]
+
+
+AUGMULT_MODELS = [dense, einsum_dense, multi_head_attention, conv1d, conv2d, embedding, layer_normalization,
+                  group_normalization, ws_conv, skip_init, nf_resnet_small, transformer_block]
+
+
+def build_augmult(model_fn, clipping):
+    keras.utils.set_random_seed(0)
+    inner, loss, y, x = model_fn(np.random.default_rng(0))
+    numpy_views, augment = _view_fn(np.issubdtype(x.dtype, np.integer))
+    model = tan_keras.augmult.wrap(inner, K, augment=augment, clipping=clipping)
+    model(x[:1])  # builds the wrapper (fit would)
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0), loss=loss)
+    return model, inner, loss, x, y, numpy_views
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "vectorized"])
+@pytest.mark.parametrize("model_fn", AUGMULT_MODELS)
+def test_augmult_step_clips_each_examples_mean_over_views_as_one_example_loop(model_fn, clipping):
+    """Both strategies give the norms of, and clip, each example's K-view mean gradient (not each view's)."""
+    model, inner, loss, x, y, numpy_views = build_augmult(model_fn, clipping)
+    assert plans.strategy(model) == clipping
+    if clipping == "ghost":
+        assert ghost_norms.ghost_plan(model).reason is None
+    want = loop_augmult_grads(inner, numpy_views, x, y, loss)
+    norms = _norms(want)
+    l2_norm_clip = min(float(np.median(norms)), float(norms.max()) / 20)
+    factors = np.minimum(1.0, l2_norm_clip / norms)
+    got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, numpy_views(x), y, l2_norm_clip)
+    # atol: a saturated tanh's gradient (1 - tanh²) rounds differently in fp32 batches of K and of n·K rows.
+    np.testing.assert_allclose(np.asarray(got_norms), norms, rtol=1e-3, atol=1e-5 * norms.max())
+    for j, variable in enumerate(model.trainable_variables):
+        expected = sum(f * grads[j] for f, grads in zip(factors, want))
+        scale = max(float(np.max(np.abs(expected))), 1e-3)
+        np.testing.assert_allclose(np.asarray(got_sum[j]), expected, rtol=1e-3, atol=1e-4 * scale,
+                                   err_msg=variable.path)
+
+
+def test_augmult_ghost_falls_back_for_a_rule_that_does_not_group_views(caplog):
+    """A user rule without ``views=True`` would clip views, not examples: AugMult then uses the vectorized path."""
+    import logging
+
+    class Scale(keras.layers.Layer):
+        def build(self, input_shape):
+            self.s = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+        def call(self, inputs):
+            return inputs * self.s
+
+    @ghost_norms.register_ghost_norm(Scale)
+    def scale_sq_norms(layer, inputs, output_grad):  # per row: right for rows, wrong for groups of views
+        return keras.ops.sum(keras.ops.square(keras.ops.sum(output_grad * inputs, axis=1)), axis=-1)
+
+    inputs = keras.Input((4,))
+    inner = keras.Model(inputs, keras.layers.Dense(3)(Scale(name="rowwise_scale")(inputs)))
+    numpy_views, augment = _view_fn(False)
+    model = tan_keras.augmult.wrap(inner, K, augment=augment)
+    model(np.zeros((1, 4), "float32"))
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=0.1, noise_multiplier=0.0), loss=MSE)
+    assert "does not group the K=3 AugMult views" in ghost_norms.ghost_plan(model).reason
+    rng = np.random.default_rng(0)
+    x, y = _floats((4,), rng), rng.normal(size=(N, 3)).astype("float32")
+    with caplog.at_level(logging.INFO, logger=ghost_norms.__name__):
+        got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, numpy_views(x), y, 0.1)
+    assert any("'rowwise_scale'" in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(np.asarray(got_norms), _norms(loop_augmult_grads(inner, numpy_views, x, y, MSE)),
+                               rtol=1e-3)

@@ -28,10 +28,13 @@ A custom layer registers its own rule next to its definition, as
 
     from tan_keras.ghost import register_ghost_norm
 
-    @register_ghost_norm(MyScale)
+    @register_ghost_norm(MyScale, views=True)
     def my_scale_sq_norms(layer, inputs, output_grad):
-        g = ops.sum(output_grad * inputs, axis=range(1, len(inputs.shape) - 1))
-        return ops.sum(ops.square(g), axis=-1)
+        g = ops.sum(output_grad * inputs, axis=range(1, len(inputs.shape) - 1))  # per row
+        return ops.sum(ops.square(example_sums(g)), axis=-1)                     # per example
+
+``views=True`` says the rule is exact under AugMult, where an example is K
+consecutive rows (``norms``: ``positions`` and ``example_sums`` group them).
 
 The train steps that use this package live in ``tan_keras.per_example``.
 """
@@ -39,14 +42,16 @@ The train steps that use this package live in ``tan_keras.per_example``.
 from tan_keras.ghost import keras_layers  # noqa: F401  (registers the rules for Keras's layers)
 from tan_keras.ghost.bookkeeping import norms_and_clipped_sum
 from tan_keras.ghost.capture import LayerCall, call_inputs, capture, foreign_read_reason, pre_activation_output
-from tan_keras.ghost.norms import (matmul_grad_sq_norms, matmul_per_example_grads, per_example, per_example_sum_sq,
-                                   position_sum_sq, positions, shifted_inputs, sq_norms_from)
+from tan_keras.ghost.norms import (example_rows, example_sums, matmul_grad_sq_norms, matmul_per_example_grads,
+                                   num_examples, per_example, per_example_sum_sq, position_sum_sq, positions,
+                                   rows_per_example, shifted_inputs, sq_norms_from)
 from tan_keras.ghost.registry import (GhostNormRule, GhostPlan, check_calls, ghost_plan, log_fallback, norm_mode,
                                       register_ghost_norm, rule_for, use_ghost)
 
 __all__ = [
-    "GhostNormRule", "GhostPlan", "LayerCall", "call_inputs", "capture", "check_calls", "foreign_read_reason",
-    "ghost_plan", "log_fallback", "matmul_grad_sq_norms", "matmul_per_example_grads", "norm_mode",
-    "norms_and_clipped_sum", "per_example", "per_example_sum_sq", "position_sum_sq", "positions",
-    "pre_activation_output", "register_ghost_norm", "rule_for", "shifted_inputs", "sq_norms_from", "use_ghost",
+    "GhostNormRule", "GhostPlan", "LayerCall", "call_inputs", "capture", "check_calls", "example_rows",
+    "example_sums", "foreign_read_reason", "ghost_plan", "log_fallback", "matmul_grad_sq_norms",
+    "matmul_per_example_grads", "norm_mode", "norms_and_clipped_sum", "num_examples", "per_example",
+    "per_example_sum_sq", "position_sum_sq", "positions", "pre_activation_output", "register_ghost_norm",
+    "rule_for", "rows_per_example", "shifted_inputs", "sq_norms_from", "use_ghost",
 ]

@@ -14,9 +14,9 @@ import string
 import keras
 from keras import ops
 
-from tan_keras.ghost.norms import (_as_blocks, _f32, _trainable, matmul_grad_sq_norms, matmul_per_example_grads,
-                                   per_example, per_example_sum_sq, position_sum_sq, positions, shifted_inputs,
-                                   sq_norms_from)
+from tan_keras.ghost.norms import (_as_blocks, _f32, _trainable, example_sums, matmul_grad_sq_norms,
+                                   matmul_per_example_grads, num_examples, per_example, per_example_sum_sq,
+                                   position_sum_sq, positions, shifted_inputs, sq_norms_from)
 from tan_keras.ghost.registry import register_ghost_norm, use_ghost
 
 
@@ -48,25 +48,25 @@ def _matmul_layer_per_example_grads(kernel, bias, a, g):
     if _trainable(kernel):
         pairs.append(per_example(kernel, matmul_per_example_grads(blocks, g)))
     if _trainable(bias):
-        pairs.append((bias, ops.sum(g, axis=1)))
+        pairs.append((bias, ops.sum(_f32(g), axis=1)))
     return pairs
 
 
 def dense_per_example_grads(layer, inputs, output_grad):
     """Dense: per-example kernel/bias gradients when the explicit form is the cheaper one."""
-    g = positions(_f32(output_grad), layer.units)
-    a = positions(_f32(inputs), layer.kernel.shape[0])
+    g = positions(output_grad, layer.units)  # compute dtype: norms.matmul_grad_sq_norms multiplies in float32
+    a = positions(inputs, layer.kernel.shape[0])
     return _matmul_layer_per_example_grads(layer.kernel, layer.bias, a, g)
 
 
 @register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization,
-                     per_example_grads=dense_per_example_grads)
+                     per_example_grads=dense_per_example_grads, views=True)
 def dense_sq_norms(layer, inputs, output_grad):
     """Dense on ``(B, ..., d)``: every leading non-batch axis is a position t."""
-    g = positions(_f32(output_grad), layer.units)
+    g = positions(output_grad, layer.units)
     total = 0.0
     if _trainable(layer.kernel):
-        a = positions(_f32(inputs), layer.kernel.shape[0])
+        a = positions(inputs, layer.kernel.shape[0])
         total = total + matmul_grad_sq_norms(a, g)
     if _trainable(layer.bias):
         total = total + position_sum_sq(g)
@@ -100,7 +100,8 @@ def _einsum_dense_unsupported(layer):
     return None
 
 
-@register_ghost_norm(keras.layers.EinsumDense, activation_attr="activation", unsupported=_einsum_dense_unsupported)
+@register_ghost_norm(keras.layers.EinsumDense, activation_attr="activation", unsupported=_einsum_dense_unsupported,
+                     views=True)
 def einsum_dense_sq_norms(layer, inputs, output_grad):
     """EinsumDense ``out = einsum(eq, a, W) + b`` as a matmul over positions.
 
@@ -117,7 +118,7 @@ def einsum_dense_sq_norms(layer, inputs, output_grad):
         k_in = "".join(c for c in ker if c in inp and c not in out)
         k_out = "".join(c for c in ker if c in out and c not in inp)
         if len(k_in) + len(k_out) < len(ker):
-            total = total + per_example_sum_sq(ops.einsum(f"{inp},{out}->{batch}{ker}", a, g))
+            total = total + per_example_sum_sq(example_sums(ops.einsum(f"{inp},{out}->{batch}{ker}", a, g)))
         else:
             pos = "".join(c for c in inp if c in out and c not in ker and c != batch)
             size = lambda letters: math.prod(layer.kernel.shape[ker.index(c)] for c in letters)  # noqa: E731
@@ -125,7 +126,7 @@ def einsum_dense_sq_norms(layer, inputs, output_grad):
             g_mat = positions(ops.einsum(f"{out}->{batch}{pos}{k_out}", g), size(k_out))
             total = total + matmul_grad_sq_norms(a_mat, g_mat)
     if _trainable(layer.bias):
-        total = total + per_example_sum_sq(ops.einsum(f"{out}->{batch}{layer.bias_axes}", g))
+        total = total + per_example_sum_sq(example_sums(ops.einsum(f"{out}->{batch}{layer.bias_axes}", g)))
     return total
 
 
@@ -151,7 +152,7 @@ def _conv_unsupported(layer):
 
 def _conv_blocks(layer, inputs):
     """A Conv1D/Conv2D's input patches, one (B, T, C) block per kernel offset (causal padding applied)."""
-    x = _channels_last(_f32(inputs), layer.data_format)
+    x = _channels_last(inputs, layer.data_format)  # compute dtype (see dense_sq_norms)
     padding = layer.padding
     if padding == "causal":
         left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
@@ -161,7 +162,7 @@ def _conv_blocks(layer, inputs):
 
 
 def _conv_output_grad(layer, output_grad):
-    return positions(_channels_last(_f32(output_grad), layer.data_format), layer.filters)
+    return positions(_channels_last(output_grad, layer.data_format), layer.filters)
 
 
 def conv_per_example_grads(layer, inputs, output_grad):
@@ -172,7 +173,7 @@ def conv_per_example_grads(layer, inputs, output_grad):
 
 
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",
-                     unsupported=_conv_unsupported, per_example_grads=conv_per_example_grads)
+                     unsupported=_conv_unsupported, per_example_grads=conv_per_example_grads, views=True)
 def conv_sq_norms(layer, inputs, output_grad):
     """Conv1D/Conv2D: the matmul ``patches_i (T × k·C) @ W (k·C × filters)``, T = output positions."""
     g = _conv_output_grad(layer, output_grad)
@@ -189,15 +190,15 @@ def conv_sq_norms(layer, inputs, output_grad):
 # --------------------------------------------------------------------------
 
 
-@register_ghost_norm(keras.layers.Embedding, unsupported=_no_lora_or_quantization)
+@register_ghost_norm(keras.layers.Embedding, unsupported=_no_lora_or_quantization, views=True)
 def embedding_sq_norms(layer, inputs, output_grad):
     """Embedding: ``∇E_i[v] = Σ_{t: id_t = v} g_t``, so ``‖∇E_i‖² = Σ_{t,s} [id_t = id_s] ⟨g_t, g_s⟩``.
 
     O(T² p) per example, independent of the vocabulary size.
     """
     if not _trainable(layer.embeddings):
-        return ops.zeros((ops.shape(output_grad)[0],), "float32")
-    ids = ops.reshape(ops.cast(inputs, "int32"), (ops.shape(inputs)[0], -1))
+        return ops.zeros((num_examples(output_grad),), "float32")
+    ids = ops.reshape(ops.cast(inputs, "int32"), (num_examples(inputs), -1))
     g = positions(_f32(output_grad), layer.output_dim)
     if ids.shape[1] == 1:
         return per_example_sum_sq(g)
@@ -235,9 +236,9 @@ def _affine_per_example_grads(layer, inputs, output_grad, param_axes):
     reduce = tuple(a for a in range(1, rank) if a not in param_axes)
     pairs = []
     if _trainable(layer.gamma):
-        pairs.append(per_example(layer.gamma, ops.sum(g * _normalized(layer, inputs), axis=reduce)))
+        pairs.append(per_example(layer.gamma, example_sums(ops.sum(g * _normalized(layer, inputs), axis=reduce))))
     if _trainable(layer.beta):
-        pairs.append(per_example(layer.beta, ops.sum(g, axis=reduce)))
+        pairs.append(per_example(layer.beta, example_sums(ops.sum(g, axis=reduce))))
     return pairs
 
 
@@ -250,7 +251,7 @@ def group_norm_per_example_grads(layer, inputs, output_grad):
     return _affine_per_example_grads(layer, inputs, output_grad, [layer.axis])
 
 
-register_ghost_norm(keras.layers.LayerNormalization, per_example_grads=layer_norm_per_example_grads)(
+register_ghost_norm(keras.layers.LayerNormalization, per_example_grads=layer_norm_per_example_grads, views=True)(
     sq_norms_from(layer_norm_per_example_grads))
-register_ghost_norm(keras.layers.GroupNormalization, per_example_grads=group_norm_per_example_grads)(
+register_ghost_norm(keras.layers.GroupNormalization, per_example_grads=group_norm_per_example_grads, views=True)(
     sq_norms_from(group_norm_per_example_grads))

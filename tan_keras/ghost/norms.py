@@ -16,16 +16,63 @@ unfolded input patches (``shifted_inputs``: one block per kernel offset,
 never concatenated for the ghost form).
 
 The helpers here are the building blocks of a rule (``register_ghost_norm``):
-``positions`` reshapes to ``(B, T, d)``, ``per_example`` pairs a variable with
+``positions`` reshapes to ``(B, T, d)``, ``example_sums`` sums a per-row
+quantity over the rows of each example, ``per_example`` pairs a variable with
 its per-example gradients, ``sq_norms_from`` turns a ``per_example_grads``
 rule into a ``sq_norms`` rule.
+
+**Examples of several rows (AugMult).** Under augmentation multiplicity (TAN
+App. C, Eq. 5) the network runs on the K views of each example, K consecutive
+rows of its batch, and the unit of privacy is the example:
+``∇ℓ_i = Σ_j ∇ℓ_ij`` over its views (the loss holds the 1/K). For a matmul
+layer ``∇W_i = Σ_j a_ijᵀ g_ij``: the views' positions together are the
+example's positions (``T → K·T``), so ``positions`` of a row-major batch of
+``n·K`` rows reshaped to ``(n, K·T, d)`` gives the example's matrices, and
+every norm form above is unchanged. Quantities computed per row (a bias or
+scale gradient) are summed over the views by ``example_sums`` before they are
+squared. ``example_rows(K)`` sets K while a ghost step computes its norms
+(``bookkeeping.norms_and_clipped_sum``); a rule written with these helpers
+declares it with ``register_ghost_norm(..., views=True)``.
 """
 
+import contextlib
 import itertools
 
 from keras import ops
 
 from tan_keras.ghost.registry import use_ghost
+from tan_keras.per_example import einsum_f32
+
+
+_ROWS = [1]  # rows of a layer's batch per example: K under AugMult (``example_rows``)
+
+
+@contextlib.contextmanager
+def example_rows(rows):
+    """While it is active, every ``rows`` consecutive rows of a layer's batch form one example (AugMult's K)."""
+    previous = _ROWS[0]
+    _ROWS[0] = int(rows)
+    try:
+        yield
+    finally:
+        _ROWS[0] = previous
+
+
+def rows_per_example():
+    """K: consecutive rows of a layer's batch per example (1 but under AugMult's ``example_rows``)."""
+    return _ROWS[0]
+
+
+def num_examples(x):
+    """Examples in the batch of rows ``x``: ``rows / K``."""
+    return ops.shape(x)[0] // _ROWS[0]
+
+
+def example_sums(x):
+    """``(n·K, ...) → (n, ...)``: a per-row quantity (a bias gradient) summed over the K rows of each example."""
+    if _ROWS[0] == 1:
+        return x
+    return ops.sum(ops.reshape(x, (-1, _ROWS[0]) + tuple(x.shape[1:])), axis=1)
 
 
 def _f32(x):
@@ -33,13 +80,17 @@ def _f32(x):
 
 
 def per_example_sum_sq(x):
-    """``Σ x_i²`` over all but the leading (example) axis: (B,)."""
+    """``Σ x_i²`` over all but the leading (example) axis: (B,). ``x`` is per example (see ``example_sums``)."""
     return ops.sum(ops.reshape(ops.square(x), (ops.shape(x)[0], -1)), axis=1)
 
 
 def positions(x, last):
-    """Reshapes ``(B, ..., last)`` to ``(B, T, last)``."""
-    return ops.reshape(x, (ops.shape(x)[0], -1, last))
+    """Reshapes a batch of rows ``(n·K, ..., last)`` to ``(n, T, last)``: the positions of each example.
+
+    K = ``rows_per_example()`` (1 but under AugMult): the positions of an
+    example are those of its K views, row-major (``T = K·T_row``).
+    """
+    return ops.reshape(x, (num_examples(x), -1, last))
 
 
 def _as_blocks(a):
@@ -55,16 +106,21 @@ def matmul_grad_sq_norms(a, g):
     of blocks ``(B, T, d_j)`` standing for their concatenation along the last
     axis (a conv's input patches, one block per kernel offset), which is never
     formed.
+
+    Precision: the operands keep their dtype (bf16 activations and output
+    gradients under ``mixed_bfloat16``); products and sums are float32
+    (``einsum_f32``), so the norms are those of the float32 product of the
+    same values, as when the operands are cast first, at half the bytes.
     """
     blocks = _as_blocks(a)
     num_positions, out_dim = g.shape[1], g.shape[2]
     in_dim = sum(b.shape[2] for b in blocks)
     if num_positions == 1:
-        a_sq = sum(ops.sum(ops.square(b), axis=(1, 2)) for b in blocks)
-        return a_sq * ops.sum(ops.square(g), axis=(1, 2))
+        a_sq = sum(ops.sum(ops.square(_f32(b)), axis=(1, 2)) for b in blocks)
+        return a_sq * ops.sum(ops.square(_f32(g)), axis=(1, 2))
     if use_ghost(num_positions, in_dim, out_dim):
-        gram_a = sum(ops.einsum("btd,bsd->bts", b, b) for b in blocks)
-        gram_g = ops.einsum("btp,bsp->bts", g, g)
+        gram_a = sum(einsum_f32("btd,bsd->bts", b, b) for b in blocks)
+        gram_g = einsum_f32("btp,bsp->bts", g, g)
         return ops.sum(gram_a * gram_g, axis=(1, 2))
     return per_example_sum_sq(matmul_per_example_grads(blocks, g))
 
@@ -76,17 +132,19 @@ def matmul_per_example_grads(a, g):
     concatenation along the last axis (a conv's patches, one block per kernel
     offset). The blocks are concatenated so that one batched matmul of depth T
     reads ``g`` once (one matmul per block re-reads it for every offset).
+    The result is float32 (``einsum_f32``), whatever the operands' dtype: the
+    norm and the clipped sum then use the same per-example gradient.
     """
     blocks = _as_blocks(a)
     a = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=-1)
-    return ops.einsum("btd,btp->bdp", a, g)
+    return einsum_f32("btd,btp->bdp", a, g)
 
 
 def sq_norms_from(per_example_grads):
     """A ``sq_norms`` rule from a ``per_example_grads`` rule that always returns its (small) gradients."""
 
     def sq_norms(layer, inputs, output_grad):
-        total = ops.zeros((ops.shape(output_grad)[0],), "float32")
+        total = ops.zeros((num_examples(output_grad),), "float32")
         for _, grads in per_example_grads(layer, inputs, output_grad):
             total = total + per_example_sum_sq(grads)
         return total
@@ -101,8 +159,8 @@ def per_example(variable, grads):
 
 
 def position_sum_sq(g):
-    """``‖Σ_t g_i,t‖²`` for ``g`` (B, T, p): per-example norms of a bias grad."""
-    return ops.sum(ops.square(ops.sum(g, axis=1)), axis=1)
+    """``‖Σ_t g_i,t‖²`` for ``g`` (B, T, p): per-example norms of a bias grad (summed in float32)."""
+    return ops.sum(ops.square(ops.sum(_f32(g), axis=1)), axis=1)
 
 
 def _trainable(variable):

@@ -52,18 +52,24 @@ class GhostNormRule:
         gradients themselves when they are the cheaper form (``use_ghost``
         says no), else None. When given, they serve both the norms and the
         clipped sum ``Σ_i c_i ∇W_i`` (no weight-gradient pass for the layer).
+      views: whether the rule is exact when an example is K consecutive rows
+        of the layer's batch (AugMult's K views, ``norms.example_rows``):
+        it finds the examples with ``norms.positions`` / ``num_examples``
+        and sums per-row quantities with ``norms.example_sums``. An AugMult
+        model with a layer whose rule does not say so uses the vectorized path.
     """
 
     sq_norms: Callable
     activation_attr: Optional[str] = None
     unsupported: Optional[Callable] = None
     per_example_grads: Optional[Callable] = None
+    views: bool = False
 
 
 _RULES = {}
 
 
-def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, per_example_grads=None):
+def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, per_example_grads=None, views=False):
     """Decorator registering ``fn(layer, inputs, output_grad) -> (B,)`` for layer classes.
 
     ``layer_types`` are Keras layer classes, or registered Keras names
@@ -77,7 +83,7 @@ def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, pe
     """
 
     def decorator(fn):
-        rule = GhostNormRule(fn, activation_attr, unsupported, per_example_grads)
+        rule = GhostNormRule(fn, activation_attr, unsupported, per_example_grads, views)
         for layer_type in layer_types:
             _RULES[layer_type] = rule
         return fn
@@ -165,7 +171,9 @@ def _own_trainable_variables(layer, among=None):
 
 
 def ghost_plan(model):
-    """Checks that every trainable weight belongs to a layer with a ghost-norm rule."""
+    """Checks that every trainable weight belongs to a layer with a ghost-norm rule (one that groups AugMult views
+    when the model has ``views_per_example`` K > 1)."""
+    views = getattr(model, "views_per_example", 1)
     model_vars = {id(v) for v in model.trainable_variables}
     layers = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -183,14 +191,26 @@ def ghost_plan(model):
         reason = rule.unsupported(layer) if rule.unsupported else None
         if reason:
             return GhostPlan((), f"layer '{layer.name}' ({type(layer).__name__}): {reason}")
+        if views > 1 and not rule.views:
+            return GhostPlan((), f"layer '{layer.name}' ({type(layer).__name__}) has a ghost-norm rule that does not "
+                                 f"group the K={views} AugMult views of an example (register it with views=True "
+                                 "once it does: tan_keras.ghost.norms)")
         layers.append((layer, rule))
     return GhostPlan(tuple(layers))
 
 
-def check_calls(plan, calls):
-    """Reason to fall back after tracing (a watched layer called twice), or None."""
+def check_calls(plan, calls, rows=None):
+    """Reason to fall back after tracing (a watched layer called twice, or not on ``rows`` rows), or None.
+
+    ``rows``: the rows every watched call must see (``n·K`` under AugMult, whose
+    norms group K consecutive rows), or None (not checked).
+    """
     seen = set()
     for call in calls:
+        leading = call.output.shape[0] if getattr(call.output, "shape", None) is not None else None
+        if rows is not None and leading is not None and int(leading) != rows:
+            return (f"layer '{call.layer.name}' runs on {int(leading)} rows, not the {rows} of the AugMult views "
+                    "(K consecutive rows per example)")
         if id(call.layer) in seen:
             return (f"layer '{call.layer.name}' is called more than once per forward pass "
                     "(shared weights)")
