@@ -245,3 +245,27 @@ def test_weights_read_by_another_layer_fall_back_to_vectorized(caplog, readout_l
     with caplog.at_level(logging.WARNING, logger=ghost_norms.__name__):
         assert_ghost_matches_vectorized(model, x, y, w)
     assert "outside their own layer's call" in caplog.text
+
+
+@pytest.mark.parametrize("form", ["ghost", "explicit"])
+def test_bf16_operands_give_the_float32_norm_of_the_same_bf16_values(form):
+    """Under mixed_bfloat16 the norm matmuls take the bf16 activations as they are and accumulate in float32:
+    the norms equal float64 numpy on the same bf16 values to float32 accuracy (bf16 products or sums would
+    be ~1e-3 off), and per-example gradients come back float32."""
+    from keras import ops
+
+    from tan_keras.ghost import norms
+
+    rng = np.random.default_rng(0)
+    a16 = ops.cast(rng.normal(size=(4, 40, 24)).astype("float32"), "bfloat16")
+    g16 = ops.cast(rng.normal(size=(4, 40, 8)).astype("float32"), "bfloat16")
+    a64 = np.asarray(ops.cast(a16, "float32"), np.float64)
+    g64 = np.asarray(ops.cast(g16, "float32"), np.float64)
+    want = np.sum(np.square(np.einsum("btd,btp->bdp", a64, g64)), axis=(1, 2))
+    with ghost_norms.norm_mode(form):
+        got = np.asarray(norms.matmul_grad_sq_norms(a16, g16), np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    grads = norms.matmul_per_example_grads([a16[..., :12], a16[..., 12:]], g16)
+    assert keras.backend.standardize_dtype(grads.dtype) == "float32"
+    np.testing.assert_allclose(np.asarray(grads, np.float64), np.einsum("btd,btp->bdp", a64, g64), rtol=2e-5,
+                               atol=2e-5)

@@ -45,3 +45,15 @@ def clipped_sum_and_norms(model, x, y, l2_norm_clip, sample_weight=None):
 def loop_per_example_gradients(model, x, y=None, sample_weight=None):
     """Reference per-example gradients, one example at a time with the backend's autodiff (numpy lists)."""
     return _backend_module().loop_per_example_gradients(model, x, y, sample_weight)
+
+
+def einsum_f32(equation, a, b):
+    """``einsum(equation, a, b)`` with float32 results, whatever the operands' float dtypes.
+
+    bf16 / fp16 operands are multiplied exactly and accumulated in float32 (JAX:
+    ``preferred_element_type``), not cast to float32 first: the ghost norms of a
+    ``mixed_bfloat16`` model read half the bytes and run on the bf16 matmul
+    units, with the accuracy of a float32 product of the same bf16 values.
+    """
+    return _backend_module().einsum_f32(equation, a, b)
+

@@ -39,3 +39,9 @@ def as_arrays(x, y, sample_weight):
     x, y = jax.tree_util.tree_map(jnp.asarray, (x, y))
     weights = jnp.ones((leading_dim(x),)) if sample_weight is None else jnp.asarray(sample_weight)
     return x, y, weights
+
+
+def einsum_f32(equation, a, b):
+    """einsum with float32 results: low-precision operands multiplied exactly, accumulated in float32."""
+    return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+

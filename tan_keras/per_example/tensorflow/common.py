@@ -134,3 +134,9 @@ def exact_batch_matmul():
         yield
     finally:
         registry["BatchMatMulV2"] = original
+
+
+def einsum_f32(equation, a, b):
+    """einsum with float32 results (``tf.einsum`` has no accumulation type: the operands are cast)."""
+    return tf.einsum(equation, tf.cast(a, tf.float32), tf.cast(b, tf.float32))
+
