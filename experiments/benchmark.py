@@ -74,8 +74,8 @@ def run_mode(mode):
         if FLAGS.augmult:
             from tan_keras import augmult
 
-            model = augmult.wrap(model, FLAGS.augmult)
-            model.physical_batch_size = FLAGS.physical_batch_size
+            model = augmult.wrap(model, FLAGS.augmult, physical_batch_size=FLAGS.physical_batch_size,
+                                 clipping="ghost" if mode == "ghost" else "vectorized")
         else:
             model = tan_keras.make_private(model, physical_batch_size=FLAGS.physical_batch_size,
                                            clipping="ghost" if mode == "ghost" else "vectorized")

@@ -125,3 +125,28 @@ if importlib.util.find_spec("torch") is not None:  # PyTorch is not in requireme
         keras_sizes = sorted(int(np.prod(v.shape)) for v in keras_model.trainable_variables)
         assert sorted(p.numel() for p in torch_model.parameters()) == keras_sizes
         assert torch_model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the breakdown times JAX-compiled pieces")
+def test_ghost_breakdown_times_every_watched_layer_once_grouped_by_family():
+    from experiments import ghost_breakdown
+
+    result = ghost_breakdown.breakdown("cnn", batch_size=4, repeats=1)
+    names = [row["layer"] for row in result["layers"]]
+    assert len(names) == len(set(names)) == 6  # 2 Conv2D, 2 GroupNormalization, 2 Dense
+    assert {f: v["calls"] for f, v in result["families"].items()} == {
+        "Conv2D": 2, "GroupNormalization": 2, "Dense": 2}
+    assert all(row["norm_ms"] >= 0 and row["sum_ms"] >= 0 for row in result["layers"])
+
+
+def test_profile_kernels_sorts_kernel_names_into_kinds():
+    from experiments import profile_kernels
+
+    kinds = {name: profile_kernels.kind(name) for name in (
+        "loop_concatenate_fusion_4", "sm90_xmma_wgrad_indexed_implicit_gemm_bf16", "nvjet_sm90_tss_64x96",
+        "input_reduce_fusion_157", "loop_convert_fusion_2", "sm90_xmma_fprop_implicit_gemm_f32")}
+    assert kinds == {
+        "loop_concatenate_fusion_4": "concatenate (conv patches)",
+        "sm90_xmma_wgrad_indexed_implicit_gemm_bf16": "cuDNN conv weight grad",
+        "nvjet_sm90_tss_64x96": "matmul (cuBLAS / Triton)", "input_reduce_fusion_157": "reductions",
+        "loop_convert_fusion_2": "dtype converts", "sm90_xmma_fprop_implicit_gemm_f32": "cuDNN conv forward"}
