@@ -131,6 +131,8 @@ class AugMultModel(PrivateTrainerMixin, keras.Model):
         self.augment_seed = keras.random.SeedGenerator(seed, name="augmult_seed")
         inputs = getattr(model, "inputs", None)
         self._example_ndim = len(inputs[0].shape) - 1 if inputs else None
+        if getattr(model, "built", False):
+            self.built = True  # no weights of its own: built once the network is (tools can run before fit)
 
     @property
     def views_per_example(self):

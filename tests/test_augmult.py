@@ -115,3 +115,16 @@ def test_augmult_example_with_a_non_finite_view_is_dropped_exactly(clipping):
     for got, want in zip(weights["bad"], weights["dropped"]):
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_check_per_example_runs_the_augmult_ghost_step_on_views_against_a_loop():
+    """``check_per_example`` takes the K views (``augment_batch``) and checks the ghost step's example norms."""
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3), keras.layers.GroupNormalization(2),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = augmult.wrap(inner, 4, seed=0)
+    model.compile(optimizer=tan_keras.DPSGD(1.0, 1.0, seed=0), loss=LOSS)
+    x = np.random.default_rng(0).normal(size=(8, 6, 6, 1)).astype("float32")
+    report = tan_keras.check_per_example(model, np.asarray(model.augment_batch(x)), np.arange(8) % 3)
+    assert report.strategy == "ghost" and len(report.norms) == 8
+    assert report.max_norm_error < 1e-4 and report.max_sum_error < 1e-4

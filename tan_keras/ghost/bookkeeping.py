@@ -102,8 +102,8 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
 
     # A dropped example (non-finite gradient, factor 0) must add exactly 0: in a step that has one,
     # its rows of every cotangent, layer input and per-example gradient are zeroed (NaN · 0 = NaN).
-    # One branch for the whole step: on a GPU each ``cond`` waits for its predicate on the host, and
-    # one per layer cost 2.8 ms of a 30 ms WRN-16-4 step on an H200.
+    # One branch for the whole chunk: on a GPU each ``cond`` waits for its predicate on the host. On an
+    # H200 (WRN-16-4, B = 1,024, fp32) one per layer cost 2.6 ms of a 30.3 ms step, this one 0.9 ms of 28.8.
     grads = ops.cond(all_finite, lambda: clipped_sum(False), lambda: clipped_sum(True))
     return grads, norms
 
