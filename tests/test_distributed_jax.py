@@ -57,6 +57,12 @@ def build(physical_batch_size):
                  L.Flatten(), L.Dense(3, kernel_initializer=init(2))],
         "wide": [L.Dense(64, kernel_initializer=init(1))],
     }[cfg["model"]]
+    if cfg.get("augmult"):  # K fixed views per example (view j scales the image by SCALES[j])
+        from tan_keras import augmult
+        scales = keras.ops.convert_to_tensor(np.linspace(1.0, -0.5, cfg["augmult"]).astype("float32"))
+        views = lambda v, seed: v * keras.ops.reshape(scales, (1, -1) + (1,) * len(shape))
+        return augmult.wrap(keras.Sequential([keras.Input(shape)] + body), cfg["augmult"], augment=views,
+                            clipping=cfg["clipping"], physical_batch_size=physical_batch_size)
     return tan_keras.PrivateSequential([keras.Input(shape)] + body, clipping=cfg["clipping"],
                                        physical_batch_size=physical_batch_size)
 
@@ -226,17 +232,21 @@ def test_shard_plan_keeps_the_global_normaliser_and_refuses_a_batch_that_does_no
 
 if keras.backend.backend() == "jax":  # defined only on JAX: the TF step is tests/test_distributed_tf.py
 
-    @pytest.mark.parametrize("clipping,model", [("vectorized", "dense"), ("vectorized", "conv"), ("ghost", "conv")],
-                             ids=["vectorized-dense_groupnorm", "vectorized-conv_groupnorm", "ghost-conv_groupnorm"])
-    def test_data_parallel_update_equals_single_device_update(clipping, model):
+    @pytest.mark.parametrize("clipping,model,k", [("vectorized", "dense", 0), ("vectorized", "conv", 0),
+                                                  ("ghost", "conv", 0), ("ghost", "conv", 3)],
+                             ids=["vectorized-dense_groupnorm", "vectorized-conv_groupnorm", "ghost-conv_groupnorm",
+                                  "ghost-conv_groupnorm-augmult3"])
+    def test_data_parallel_update_equals_single_device_update(clipping, model, k):
         """σ = 0, clipping active, 4 zero-weight padding rows, B = 12: the same update on 4 devices as on 1.
 
         In one chunk per device, and in two chunks of 2 per device
         (``physical_batch_size=2``: the per-device ``lax.scan``; eight chunks on
         one device). The vectorized Conv case is the one XLA's SPMD partitioner
         got wrong on a sharded batch (docs/repro/jax_vmap_conv_grad_sharded.py).
+        With AugMult (K = 3 views per example), each device groups its own
+        examples' views (3 rows each) in the ghost norms.
         """
-        out = run_worker(clipping=clipping, model=model, physical_batch_sizes=[None, 2])
+        out = run_worker(clipping=clipping, model=model, physical_batch_sizes=[None, 2], augmult=k)
         for p in (None, 2):
             single, distributed = np.array(out[f"single/{p}"]), np.array(out[f"distributed/{p}"])
             assert np.abs(single).max() > 1e-3  # a real update

@@ -52,6 +52,12 @@ def build(physical_batch_size, clipping):
                   L.Dense(3, kernel_initializer=init(2))],
         "wide": [L.Dense(64, kernel_initializer=init(1))],
     }[cfg["model"]]
+    if cfg.get("augmult"):  # K fixed views per example (view j scales the example by scales[j])
+        from tan_keras import augmult
+        scales = np.linspace(1.0, -0.5, cfg["augmult"]).astype("float32")
+        views = lambda v, seed: v * keras.ops.reshape(keras.ops.convert_to_tensor(scales), (1, -1, 1))
+        return augmult.wrap(keras.Sequential([keras.Input(shape)] + body), cfg["augmult"], augment=views,
+                            clipping=clipping, physical_batch_size=physical_batch_size)
     return tan_keras.PrivateSequential([keras.Input(shape)] + body, clipping=clipping,
                                        physical_batch_size=physical_batch_size)
 
@@ -177,6 +183,16 @@ if keras.backend.backend() == "tensorflow":
                 for name in ("loss", "clip_fraction", "per_example_norm", "signal_norm"):
                     np.testing.assert_allclose(distributed["logs"][name], single["logs"][name], rtol=1e-5)
                 assert distributed["weight_spread"] == 0.0
+
+    def test_mirrored_augmult_ghost_update_equals_single_device_update():
+        """AugMult, K = 3 fixed views per example, ghost clipping: each replica groups its own examples' views;
+        the update on 4 replicas (one chunk, and chunks of 2) is the single-device one."""
+        out = run_worker(clippings=["ghost"], clip=3.0, steps=2, physical_batch_sizes=[None, 2], augmult=3)
+        single = out["single/0.0"]
+        assert 0.0 < single["logs"]["clip_fraction"] < 1.0 and np.abs(single["delta"]).max() > 1e-3
+        for p in (None, 2):
+            np.testing.assert_allclose(out[f"ghost/{p}/0.0"]["delta"], single["delta"], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"physical_batch_size={p}")
 
     def test_mirrored_noise_is_added_once_with_std_sigma_c():
         """σ = 2, C = 0.5: the noise on the summed gradient has std σC (not σC·√R or R·σC for R = 4 replicas).
