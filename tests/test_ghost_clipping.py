@@ -269,3 +269,13 @@ def test_bf16_operands_give_the_float32_norm_of_the_same_bf16_values(form):
     assert keras.backend.standardize_dtype(grads.dtype) == "float32"
     np.testing.assert_allclose(np.asarray(grads, np.float64), np.einsum("btd,btp->bdp", a64, g64), rtol=2e-5,
                                atol=2e-5)
+
+
+def test_einsum_f32_keeps_float32_and_float64_operands_at_their_precision():
+    """Accumulation is at least float32: float32 stays float32, float64 (where the backend has it) stays float64."""
+    from keras import ops
+
+    for dtype in ("float32", "float64"):
+        a = ops.convert_to_tensor(np.ones((2, 3)), dtype=dtype)
+        out = tan_keras.per_example.einsum_f32("ij,jk->ik", a, ops.transpose(a))
+        assert keras.backend.standardize_dtype(out.dtype) == keras.backend.standardize_dtype(a.dtype)

@@ -48,7 +48,7 @@ def loop_per_example_gradients(model, x, y=None, sample_weight=None):
 
 
 def einsum_f32(equation, a, b):
-    """``einsum(equation, a, b)`` with float32 results, whatever the operands' float dtypes.
+    """``einsum(equation, a, b)`` with float32 results for bf16/fp16/fp32 operands (float64 stays float64).
 
     bf16 / fp16 operands are multiplied exactly and accumulated in float32 (JAX:
     ``preferred_element_type``), not cast to float32 first: the ghost norms of a

@@ -42,6 +42,7 @@ def as_arrays(x, y, sample_weight):
 
 
 def einsum_f32(equation, a, b):
-    """einsum with float32 results: low-precision operands multiplied exactly, accumulated in float32."""
-    return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+    """einsum accumulated in at least float32: low-precision operands multiplied exactly (float64 stays float64)."""
+    accumulate = jnp.promote_types(jnp.float32, jnp.result_type(a, b))
+    return jnp.einsum(equation, a, b, preferred_element_type=accumulate)
 

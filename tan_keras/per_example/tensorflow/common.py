@@ -137,6 +137,7 @@ def exact_batch_matmul():
 
 
 def einsum_f32(equation, a, b):
-    """einsum with float32 results (``tf.einsum`` has no accumulation type: the operands are cast)."""
-    return tf.einsum(equation, tf.cast(a, tf.float32), tf.cast(b, tf.float32))
+    """einsum in at least float32 (``tf.einsum`` has no accumulation type: the operands are cast; float64 stays)."""
+    dtype = tf.float64 if tf.float64 in (tf.as_dtype(a.dtype), tf.as_dtype(b.dtype)) else tf.float32
+    return tf.einsum(equation, tf.cast(a, dtype), tf.cast(b, dtype))
 
