@@ -34,12 +34,16 @@ from absl import app, flags
 from experiments.benchmark_lib import MODELS, build_model, device_name
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "wrn16_4", list(MODELS), "Model.")
-flags.DEFINE_integer("image_size", None, "nf_resnet50 only: input side, 224 (default) or 128.")
-flags.DEFINE_integer("batch_size", 1024, "Examples per chunk (the step's physical batch).")
-flags.DEFINE_bool("mixed_precision", False, "Use Keras's `mixed_bfloat16` policy.")
-flags.DEFINE_integer("repeats", 10, "Timed runs per piece (the median is reported).")
-flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
+
+
+def _define_flags():
+    """Flags, defined only when run as a binary: ``breakdown`` is imported by tests next to other binaries."""
+    flags.DEFINE_enum("model", "wrn16_4", list(MODELS), "Model.")
+    flags.DEFINE_integer("image_size", None, "nf_resnet50 only: input side, 224 (default) or 128.")
+    flags.DEFINE_integer("batch_size", 1024, "Examples per chunk (the step's physical batch).")
+    flags.DEFINE_bool("mixed_precision", False, "Use Keras's `mixed_bfloat16` policy.")
+    flags.DEFINE_integer("repeats", 10, "Timed runs per piece (the median is reported).")
+    flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
 
 
 def _median_ms(fn, *args, repeats):
@@ -63,8 +67,9 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
     import numpy as np
 
     import tan_keras
+    from tan_keras.ghost import (LayerCall, call_inputs, capture, ghost_plan, per_example_sum_sq,
+                                 pre_activation_output)
     from tan_keras.ghost.registry import _own_trainable_variables
-    from tan_keras.ghost import LayerCall, capture, ghost_plan, pre_activation_output
 
     if keras.backend.backend() != "jax":
         raise SystemExit("experiments.ghost_breakdown times JAX-compiled pieces: run it with KERAS_BACKEND=jax.")
@@ -114,14 +119,12 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
             return args, kwargs
 
         def norm_piece(arrays, g, layer=layer, rule=rule, rebuilt=rebuilt):
-            args, kwargs = rebuilt(arrays)
-            inputs = args[0] if args else next(iter(kwargs.values()))
+            inputs = call_inputs(layer, *rebuilt(arrays))
             with keras.StatelessScope(state_mapping=mapping):
                 pairs = rule.per_example_grads(layer, inputs, g) if rule.per_example_grads else None
                 if pairs is None:
                     return rule.sq_norms(layer, inputs, g), None
-                return sum(jnp.sum(jnp.square(p.reshape(p.shape[0], -1)), axis=1) for _, p in pairs), [
-                    p for _, p in pairs]
+                return sum(per_example_sum_sq(p) for _, p in pairs), [p for _, p in pairs]
 
         norm_fn = jax.jit(norm_piece)
         _, explicit = norm_fn(arrays, g)
@@ -186,4 +189,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -62,7 +62,7 @@ def all_finite(tensors):
     return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors]))
 
 
-def weighted_sum(per_unit_grads, weights):
+def weighted_sum(per_unit_grads, weights, drop=None):
     """``Σ_i w_i · g_i`` for each parameter: the clipped sum when w = clip factors.
 
     Rows with ``w_i = 0`` are left out entirely, so a non-finite gradient
@@ -70,17 +70,18 @@ def weighted_sum(per_unit_grads, weights):
     NaN). The rows are zeroed only in a step that has such a unit
     (``ops.cond``, one per call: the vectorized strategy calls this once per
     chunk; the ghost strategy branches once per chunk around all its layers,
-    ``ghost.bookkeeping``).
+    ``ghost.bookkeeping``). ``drop=True`` / ``False`` takes that path without
+    the branch (for a caller that has branched already).
     """
     keep = weights != 0
 
-    def plain():
-        return [ops.tensordot(ops.cast(weights, g.dtype), g, axes=1) for g in per_unit_grads]
+    def summed(drop):
+        return [ops.tensordot(ops.cast(weights, g.dtype), zero_rows(g, keep) if drop else g, axes=1)
+                for g in per_unit_grads]
 
-    def masked():
-        return [ops.tensordot(ops.cast(weights, g.dtype), zero_rows(g, keep), axes=1) for g in per_unit_grads]
-
-    return ops.cond(ops.all(keep), plain, masked)
+    if drop is not None:
+        return summed(drop)
+    return ops.cond(ops.all(keep), lambda: summed(False), lambda: summed(True))
 
 
 def unit_stats(norms, unit_mask, l2_norm_clip):

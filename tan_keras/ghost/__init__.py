@@ -44,7 +44,7 @@ from tan_keras.ghost.bookkeeping import norms_and_clipped_sum
 from tan_keras.ghost.capture import LayerCall, call_inputs, capture, foreign_read_reason, pre_activation_output
 from tan_keras.ghost.norms import (example_rows, example_sums, matmul_grad_sq_norms, matmul_per_example_grads,
                                    num_examples, per_example, per_example_sum_sq, position_sum_sq, positions,
-                                   rows_per_example, shifted_inputs, sq_norms_from)
+                                   shifted_inputs, sq_norms_from)
 from tan_keras.ghost.registry import (GhostNormRule, GhostPlan, check_calls, ghost_plan, log_fallback, norm_mode,
                                       register_ghost_norm, rule_for, use_ghost)
 
@@ -53,5 +53,5 @@ __all__ = [
     "example_sums", "foreign_read_reason", "ghost_plan", "log_fallback", "matmul_grad_sq_norms",
     "matmul_per_example_grads", "norm_mode", "norms_and_clipped_sum", "num_examples", "per_example",
     "per_example_sum_sq", "position_sum_sq", "positions", "pre_activation_output", "register_ghost_norm",
-    "rule_for", "rows_per_example", "shifted_inputs", "sq_norms_from", "use_ghost",
+    "rule_for", "shifted_inputs", "sq_norms_from", "use_ghost",
 ]

@@ -87,9 +87,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
             own = _own_trainable_variables(call.layer, index)
             done = set()
             for v, grads in pairs or ():
-                if drop:
-                    grads = clipping.zero_rows(grads, factors != 0)
-                out[index[id(v)]] = ops.cast(ops.tensordot(ops.cast(factors, grads.dtype), grads, axes=1), v.dtype)
+                out[index[id(v)]] = ops.cast(clipping.weighted_sum([grads], factors, drop)[0], v.dtype)
                 done.add(id(v))
             rest = [v for v in own if id(v) not in done]
             if rest:

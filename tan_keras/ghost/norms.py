@@ -43,7 +43,6 @@ from keras import ops
 from tan_keras.ghost.registry import use_ghost
 from tan_keras.per_example import einsum_f32
 
-
 _ROWS = [1]  # rows of a layer's batch per example: K under AugMult (``example_rows``)
 
 
@@ -56,11 +55,6 @@ def example_rows(rows):
         yield
     finally:
         _ROWS[0] = previous
-
-
-def rows_per_example():
-    """K: consecutive rows of a layer's batch per example (1 but under AugMult's ``example_rows``)."""
-    return _ROWS[0]
 
 
 def num_examples(x):
@@ -87,7 +81,7 @@ def per_example_sum_sq(x):
 def positions(x, last):
     """Reshapes a batch of rows ``(n·K, ..., last)`` to ``(n, T, last)``: the positions of each example.
 
-    K = ``rows_per_example()`` (1 but under AugMult): the positions of an
+    K is 1 but under AugMult (``example_rows``): the positions of an
     example are those of its K views, row-major (``T = K·T_row``).
     """
     return ops.reshape(x, (num_examples(x), -1, last))

@@ -159,10 +159,12 @@ class GhostPlan:
       layers: ``(layer, rule)`` for every layer that owns trainable weights.
       reason: None if ghost clipping applies; else why the model needs the
         vectorized per-example path (the first layer that forced it).
+      views: rows of each watched layer's batch per example (AugMult's K, else 1).
     """
 
     layers: tuple
     reason: Optional[str] = None
+    views: int = 1
 
 
 def _own_trainable_variables(layer, among=None):
@@ -196,15 +198,17 @@ def ghost_plan(model):
                                  f"group the K={views} AugMult views of an example (register it with views=True "
                                  "once it does: tan_keras.ghost.norms)")
         layers.append((layer, rule))
-    return GhostPlan(tuple(layers))
+    return GhostPlan(tuple(layers), views=views)
 
 
-def check_calls(plan, calls, rows=None):
-    """Reason to fall back after tracing (a watched layer called twice, or not on ``rows`` rows), or None.
+def check_calls(plan, calls, num_examples=None):
+    """Reason to fall back after tracing (a watched layer called twice, or not on ``n·K`` rows), or None.
 
-    ``rows``: the rows every watched call must see (``n·K`` under AugMult, whose
-    norms group K consecutive rows), or None (not checked).
+    ``num_examples``: n, the examples of the traced batch (None: not checked).
+    Every watched call must run on ``n · plan.views`` rows, since the norms
+    group ``plan.views`` consecutive rows per example (AugMult).
     """
+    rows = None if num_examples is None else int(num_examples) * plan.views
     seen = set()
     for call in calls:
         leading = call.output.shape[0] if getattr(call.output, "shape", None) is not None else None

@@ -56,4 +56,3 @@ def einsum_f32(equation, a, b):
     units, with the accuracy of a float32 product of the same bf16 values.
     """
     return _backend_module().einsum_f32(equation, a, b)
-

@@ -103,8 +103,9 @@ def strategy(model):
 
     Ghost (book-keeping) when the model asks for it (``clipping="auto"`` or
     ``"ghost"``: ``PrivateTrainerMixin.uses_ghost_clipping``; an AugMult
-    wrapper's norms group each example's K views) and its units are examples; TF Privacy's microbatches (means of several
-    examples) are clipped on the vectorized path. A model whose layers lack a
+    wrapper's norms group each example's K views) and its units are examples;
+    TF Privacy's microbatches (means of several examples) are clipped on the
+    vectorized path. A model whose layers lack a
     ghost-norm rule, or whose traced forward pass breaks book-keeping (shared
     layers, tied weights, ``add_loss``), still asks for ghost here: the ghost
     strategy falls back to the vectorized clipped sum itself, with the reason

@@ -45,4 +45,3 @@ def einsum_f32(equation, a, b):
     """einsum accumulated in at least float32: low-precision operands multiplied exactly (float64 stays float64)."""
     accumulate = jnp.promote_types(jnp.float32, jnp.result_type(a, b))
     return jnp.einsum(equation, a, b, preferred_element_type=accumulate)
-

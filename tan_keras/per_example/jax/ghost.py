@@ -50,18 +50,13 @@ def _trace(model, watch, trainable, non_trainable, x):
     def fn(trainable, non_trainable, x):
         reads = []
         _, _, losses, calls = _forward(model, watch, trainable, non_trainable, x, lambda k, z: z, reads)
-        found["reason"] = check_calls(watch, calls, _rows(model, x)) or (
+        found["reason"] = check_calls(watch, calls, jax.tree_util.tree_leaves(x)[0].shape[0]) or (
             "the model adds losses in its forward pass (add_loss)" if losses else None) or (
             foreign_read_reason(reads))
         return [call.output for call in calls]
 
     shapes = jax.eval_shape(fn, *_abstract((trainable, non_trainable, x)))
     return shapes, found["reason"]
-
-
-def _rows(model, x):
-    """Rows each watched layer runs on: ``n·K`` for n examples of K views (AugMult), else n."""
-    return jax.tree_util.tree_leaves(x)[0].shape[0] * getattr(model, "views_per_example", 1)
 
 
 def per_example_losses(model, trainable, non_trainable, metrics_variables, x, y, y_pred, sample_weight):

@@ -140,4 +140,3 @@ def einsum_f32(equation, a, b):
     """einsum in at least float32 (``tf.einsum`` has no accumulation type: the operands are cast; float64 stays)."""
     dtype = tf.float64 if tf.float64 in (tf.as_dtype(a.dtype), tf.as_dtype(b.dtype)) else tf.float32
     return tf.einsum(equation, tf.cast(a, dtype), tf.cast(b, dtype))
-

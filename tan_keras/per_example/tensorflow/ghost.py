@@ -78,9 +78,7 @@ def clipped_grad_sum(model, variables, x, y, sample_weight, l2_norm_clip):
         with tf.GradientTape() as tape:
             with capture(watch, lambda k, z: z, reads) as calls:
                 y_pred = call_model(model, x)
-        rows = tf.nest.flatten(x)[0].shape[0]
-        rows = None if rows is None else rows * getattr(model, "views_per_example", 1)
-        reason = check_calls(watch, calls, rows) or (
+        reason = check_calls(watch, calls, tf.nest.flatten(x)[0].shape[0]) or (
             "the model adds losses in its forward pass (add_loss)" if model.losses else None) or (
             foreign_read_reason(reads))
     if reason is not None:
