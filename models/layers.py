@@ -25,7 +25,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tan_keras.ghost import (example_sums, matmul_grad_sq_norms, matmul_per_example_grads, per_example,
+from tan_keras.ghost import (conv_per_example_grads, example_sums, matmul_grad_sq_norms, per_example,
                              position_sum_sq, positions, register_ghost_norm, shifted_inputs, sq_norms_from, use_ghost)
 
 #: gamma such that ``gamma * relu(z)`` has unit variance for ``z ~ N(0, 1)``.
@@ -255,12 +255,13 @@ def scaled_ws_conv_per_example_grads(layer, inputs, output_grad):
     (see ``scaled_ws_conv_sq_norms``).
     """
     g = positions(_f32(output_grad), layer.filters)
-    blocks = shifted_inputs(_f32(inputs), layer.kernel_size, layer.strides, layer.padding, (1, 1))
-    n = sum(b.shape[2] for b in blocks)
+    n = math.prod(layer.kernel_size) * layer.kernel.shape[2]
     if g.shape[1] == 1 or use_ghost(g.shape[1], n, layer.filters):
         return None
     u, scale = _ws_standardized(layer)
-    _, plain = per_example(layer.kernel, matmul_per_example_grads(blocks, g))
+    # Both operands in the compute dtype (bf16 under mixed precision: products exact, sums float32).
+    _, plain = per_example(layer.kernel, conv_per_example_grads(
+        inputs, ops.cast(output_grad, inputs.dtype), layer.kernel_size, layer.strides, layer.padding, (1, 1)))
     alpha = ops.sum(plain * u, axis=(1, 2, 3))  # (B, filters)
     pairs = []
     if layer.kernel.trainable:

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from tan_keras.ghost.norms import (_as_blocks, _f32, _trainable, example_sums, matmul_grad_sq_norms,
+                                   conv_per_example_grads as conv_per_example_grads_of,
                                    matmul_per_example_grads, num_examples, per_example, per_example_sum_sq,
                                    position_sum_sq, positions, shifted_inputs, sq_norms_from)
 from tan_keras.ghost.registry import register_ghost_norm, use_ghost
@@ -150,14 +151,20 @@ def _conv_unsupported(layer):
     return None
 
 
-def _conv_blocks(layer, inputs):
-    """A Conv1D/Conv2D's input patches, one (B, T, C) block per kernel offset (causal padding applied)."""
+def _conv_input(layer, inputs):
+    """``(x, padding)``: a Conv1D/Conv2D's input channels-last, causal padding applied (then ``"valid"``)."""
     x = _channels_last(inputs, layer.data_format)  # compute dtype (see dense_sq_norms)
     padding = layer.padding
     if padding == "causal":
         left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
         x = ops.pad(x, [[0, 0], [left, 0], [0, 0]])
         padding = "valid"
+    return x, padding
+
+
+def _conv_blocks(layer, inputs):
+    """A Conv1D/Conv2D's input patches, one (B, T, C) block per kernel offset (causal padding applied)."""
+    x, padding = _conv_input(layer, inputs)
     return shifted_inputs(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
 
 
@@ -166,10 +173,27 @@ def _conv_output_grad(layer, output_grad):
 
 
 def conv_per_example_grads(layer, inputs, output_grad):
-    """Conv1D/Conv2D: per-example kernel/bias gradients when the explicit form is the cheaper one."""
+    """Conv1D/Conv2D: per-example kernel/bias gradients when the explicit form is the cheaper one.
+
+    The kernel's come from ``norms.conv_per_example_grads`` (a fused kernel on
+    a GPU, else the patches' matmul).
+    """
+    g_spatial = _channels_last(output_grad, layer.data_format)
+    g = positions(g_spatial, layer.filters)
+    kernel = layer.kernel
     bias = layer.bias if layer.use_bias else None
-    return _matmul_layer_per_example_grads(layer.kernel, bias, _conv_blocks(layer, inputs),
-                                           _conv_output_grad(layer, output_grad))
+    in_dim = math.prod(layer.kernel_size) * kernel.shape[-2]
+    if g.shape[1] == 1 or (_trainable(kernel) and use_ghost(g.shape[1], in_dim, layer.filters)):
+        return None
+    pairs = []
+    if _trainable(kernel):
+        x, padding = _conv_input(layer, inputs)
+        grads = conv_per_example_grads_of(x, g_spatial, layer.kernel_size, layer.strides, padding,
+                                          layer.dilation_rate)
+        pairs.append(per_example(kernel, grads))
+    if _trainable(bias):
+        pairs.append((bias, ops.sum(_f32(g), axis=1)))
+    return pairs
 
 
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",

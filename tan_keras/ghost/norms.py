@@ -37,11 +37,12 @@ declares it with ``register_ghost_norm(..., views=True)``.
 
 import contextlib
 import itertools
+import math
 
 from keras import ops
 
 from tan_keras.ghost.registry import use_ghost
-from tan_keras.per_example import einsum_f32
+from tan_keras.per_example import einsum_f32, fused_conv_per_example_grads
 
 _ROWS = [1]  # rows of a layer's batch per example: K under AugMult (``example_rows``)
 
@@ -132,6 +133,26 @@ def matmul_per_example_grads(a, g):
     blocks = _as_blocks(a)
     a = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=-1)
     return einsum_f32("btd,btp->bdp", a, g)
+
+
+def conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate):
+    """``(n, k·C, P)`` float32 per-example kernel gradients of a channels-last conv (rows as ``kernel.reshape``).
+
+    ``x`` is the layer input ``(n·K, *spatial, C)`` (causal padding already
+    applied, then ``"valid"``) and ``g`` the output gradient
+    ``(n·K, *spatial_out, P)``. Where the backend has a fused kernel for the
+    conv (JAX on a GPU, stride 1, a window of more than one offset:
+    ``per_example.fused_conv_per_example_grads``) the input patches are never
+    formed; elsewhere ``matmul_per_example_grads`` of the ``shifted_inputs``
+    blocks. Both are the float32 sums ``Σ_t patch_tᵀ g_t`` of the same values.
+    """
+    if math.prod(kernel_size) > 1:
+        fused = fused_conv_per_example_grads(x, g, tuple(kernel_size), tuple(strides), padding,
+                                             tuple(dilation_rate), views=_ROWS[0])
+        if fused is not None:
+            return fused
+    return matmul_per_example_grads(shifted_inputs(x, kernel_size, strides, padding, dilation_rate),
+                                    positions(g, g.shape[-1]))
 
 
 def sq_norms_from(per_example_grads):

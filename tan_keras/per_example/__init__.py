@@ -56,3 +56,14 @@ def einsum_f32(equation, a, b):
     units, with the accuracy of a float32 product of the same bf16 values.
     """
     return _backend_module().einsum_f32(equation, a, b)
+
+
+def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1):
+    """``(n, k·C, P)`` float32 per-example conv kernel gradients from a fused kernel, or None where there is none.
+
+    ``x`` (n·K, *spatial, C) and ``g`` (n·K, *spatial_out, P) are channels-last;
+    K = ``views`` rows per example are summed. JAX on a GPU: one Pallas kernel
+    that never forms the input patches (``jax/conv_grads.py``); elsewhere None.
+    """
+    return _backend_module().fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate,
+                                                          views=views)

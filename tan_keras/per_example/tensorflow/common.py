@@ -140,3 +140,8 @@ def einsum_f32(equation, a, b):
     """einsum in at least float32 (``tf.einsum`` has no accumulation type: the operands are cast; float64 stays)."""
     dtype = tf.float64 if tf.float64 in (tf.as_dtype(a.dtype), tf.as_dtype(b.dtype)) else tf.float32
     return tf.einsum(equation, tf.cast(a, dtype), tf.cast(b, dtype))
+
+
+def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1):
+    """No fused per-example conv kernel on TensorFlow: None, and the caller forms the patches (``ghost.norms``)."""
+    return None

@@ -1,0 +1,158 @@
+"""The fused per-example conv-gradient kernel (JAX, Pallas) equals a one-example loop of JAX's own conv VJP.
+
+On a GPU the ghost step forms a stride-1 conv's per-example kernel gradients
+with one Pallas kernel that reads the input through flat shifted slices
+instead of forming its patches (``tan_keras/per_example/jax/conv_grads.py``).
+Here it runs in Pallas's interpreter (``TAN_KERAS_FUSED_CONV=interpret``), so
+its indexing (padding, dilation, the wrap-around columns, AugMult's views,
+the tiling's ragged last tile) is checked on a CPU against a reference
+written here: each example alone through ``lax.conv_general_dilated`` and
+``jax.vjp``, or float64 numpy for bf16 operands.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tan_keras
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX (Pallas) kernel")
+
+
+def _conv(x, kernel, padding, dilation):
+    import jax
+
+    spec = ("NWC", "WIO", "NWC") if x.ndim == 3 else ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, kernel, (1,) * (x.ndim - 2), padding.upper(), rhs_dilation=dilation,
+                                        dimension_numbers=spec)
+
+
+def _loop_kernel_grads(x, g, kernel_size, padding, dilation, views):
+    """Each row alone through JAX's conv VJP, summed over each example's ``views`` rows: (n, k·C, P), numpy."""
+    import jax
+    import jax.numpy as jnp
+
+    zeros = jnp.zeros(tuple(kernel_size) + (x.shape[-1], g.shape[-1]), x.dtype)
+    rows = [np.asarray(jax.vjp(lambda k, xi=x[i:i + 1]: _conv(xi, k, padding, dilation), zeros)[1](g[i:i + 1])[0],
+                       np.float64) for i in range(x.shape[0])]
+    return np.stack(rows).reshape(x.shape[0] // views, views, -1, g.shape[-1]).sum(axis=1)
+
+
+GEOMETRIES = [  # (rows n·K, spatial, C, P, kernel, padding, dilation, K)
+    ((3, (5, 6), 16, 32, (3, 3), "same", (1, 1), 1)),
+    ((2, (7, 5), 32, 16, (3, 3), "valid", (1, 1), 1)),
+    ((6, (4, 4), 16, 16, (3, 3), "same", (1, 1), 3)),
+    ((2, (6, 6), 16, 16, (3, 3), "same", (2, 2), 1)),
+    ((2, (6, 7), 16, 16, (5, 3), "same", (1, 2), 1)),
+    ((4, (9,), 16, 32, (3,), "same", (2,), 2)),
+]
+
+
+@pytest.mark.parametrize("rows,spatial,channels,filters,kernel_size,padding,dilation,views", GEOMETRIES)
+def test_fused_kernel_equals_a_one_example_loop_of_the_conv_vjp(rows, spatial, channels, filters, kernel_size,
+                                                                 padding, dilation, views, monkeypatch):
+    import jax.numpy as jnp
+
+    from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
+
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), jnp.float32)
+    out_shape = _conv(x, jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation).shape
+    g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    got = fused_conv_per_example_grads(x, g, kernel_size, (1,) * len(kernel_size), padding, dilation, views=views)
+    assert got is not None and got.dtype == jnp.float32
+    want = _loop_kernel_grads(x, g, kernel_size, padding, dilation, views)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_fused_kernel_multiplies_bf16_operands_exactly_and_sums_in_float32(monkeypatch):
+    """bf16 inputs: equal to float64 numpy on the same bf16 values to float32 accuracy (a bf16 sum is ~1e-3 off)."""
+    import jax.numpy as jnp
+
+    from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
+
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
+    got = np.asarray(fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)), np.float64)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    padded = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.stack([np.einsum("bhwc,bhwp->bcp", padded[:, a:a + 8, b:b + 8], g64)
+                     for a in range(3) for b in range(3)], axis=1).reshape(2, -1, 16)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
+    """None (the caller forms the patches) off a GPU, for strides, narrow channels and wide fp32 layers."""
+    import jax.numpy as jnp
+
+    from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
+
+    x, g = jnp.zeros((2, 8, 8, 16)), jnp.zeros((2, 8, 8, 16))
+    assert fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    assert fused_conv_per_example_grads(x, g[:, ::2, ::2], (3, 3), (2, 2), "same", (1, 1)) is None
+    assert fused_conv_per_example_grads(x[..., :8], g, (3, 3), (1, 1), "same", (1, 1)) is None
+    wide = jnp.zeros((2, 8, 8, 128))
+    assert fused_conv_per_example_grads(wide, wide, (3, 3), (1, 1), "same", (1, 1)) is None
+    assert fused_conv_per_example_grads(wide.astype("bfloat16"), wide.astype("bfloat16"), (3, 3), (1, 1), "same",
+                                        (1, 1)) is not None
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "on")
+    with pytest.raises(ValueError, match="TAN_KERAS_FUSED_CONV is 'on'; use one of auto, off, interpret"):
+        fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1))
+
+
+def test_ghost_step_with_the_fused_kernel_clips_like_a_one_example_loop(monkeypatch):
+    """A Conv2D + WS-conv model under AugMult (K = 2): the step's norms and clipped sum, with the kernel used."""
+    import jax
+
+    from models import layers as model_layers
+    from tan_keras.per_example.jax import conv_grads
+
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    calls = []
+    original = conv_grads.fused_conv_per_example_grads
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tan_keras.per_example._backend_module(), "fused_conv_per_example_grads", spy)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 16))
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    h = model_layers.ScaledWSConv2D(16, 3, padding="same")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    inner = keras.Model(inputs, keras.layers.Dense(3)(h))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6, 6, 16)).astype("float32")
+    x[1] *= 30.0
+    y = rng.integers(0, 3, size=(4,))
+    views = np.stack([x, -0.5 * x + 0.3], axis=1)  # (n, K, ...): the views a user's augment gave
+
+    model = tan_keras.augmult.wrap(inner, 2, augment=lambda v, seed: v, clipping="ghost")
+    model(views[:1])
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0), loss=loss)
+
+    trainable = [v.value for v in inner.trainable_variables]
+
+    def example_loss(trainable, vi, yi):  # (1/K) Σ_j ℓ(f(view_j), y_i): one example alone
+        out, _ = inner.stateless_call(trainable, [v.value for v in inner.non_trainable_variables], vi)
+        return keras.ops.mean(loss(np.repeat(yi, 2), out))
+
+    want = [[np.asarray(g, np.float64) for g in jax.grad(example_loss)(trainable, views[i], y[i:i + 1])]
+            for i in range(len(x))]
+    norms = np.array([np.sqrt(sum(np.sum(np.square(g)) for g in grads)) for grads in want])
+    l2_norm_clip = float(np.median(norms))
+    factors = np.minimum(1.0, l2_norm_clip / norms)
+    got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, views, y, l2_norm_clip)
+    assert calls and all(calls)  # both 3×3 convs took the kernel
+    np.testing.assert_allclose(np.asarray(got_norms), norms, rtol=1e-4)
+    for j, variable in enumerate(model.trainable_variables):
+        expected = sum(f * grads[j] for f, grads in zip(factors, want))
+        np.testing.assert_allclose(np.asarray(got_sum[j]), expected, rtol=1e-4,
+                                   atol=1e-5 * max(np.abs(expected).max(), 1e-3), err_msg=variable.path)
