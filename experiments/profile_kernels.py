@@ -4,8 +4,8 @@
 
 Reads the trace's GPU plane (the stream with the most kernels) and sums the
 kernels' durations by kind: cuDNN convolutions (forward, input gradient,
-weight gradient), matmuls (cuBLAS, XLA's Triton gemm fusions), XLA's
-concatenate fusions (in a ghost step: the input patches of convolutions'
+weight gradient), matmuls (cuBLAS, XLA's Triton gemm fusions), tan_keras's
+fused per-example conv-gradient kernel, XLA's concatenate fusions (in a ghost step: the input patches of convolutions'
 per-example gradients), reductions, dtype converts, data movement, other
 elementwise fusions. Divided by ``--steps`` (the traced steps). The XPlane
 protobuf is TensorFlow's (``tensorflow.tsl.profiler.protobuf``).
@@ -27,6 +27,8 @@ def _define_flags():
 
 def kind(kernel):
     """The kind of a GPU kernel, from its name."""
+    if "conv_per_example_grads" in kernel:
+        return "fused per-example conv grads (Pallas)"
     if "concatenate" in kernel:
         return "concatenate (conv patches)"
     for key, name in (("fprop", "cuDNN conv forward"), ("dgrad", "cuDNN conv input grad"),

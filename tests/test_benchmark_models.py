@@ -144,9 +144,26 @@ def test_profile_kernels_sorts_kernel_names_into_kinds():
 
     kinds = {name: profile_kernels.kind(name) for name in (
         "loop_concatenate_fusion_4", "sm90_xmma_wgrad_indexed_implicit_gemm_bf16", "nvjet_sm90_tss_64x96",
-        "input_reduce_fusion_157", "loop_convert_fusion_2", "sm90_xmma_fprop_implicit_gemm_f32")}
+        "input_reduce_fusion_157", "loop_convert_fusion_2", "sm90_xmma_fprop_implicit_gemm_f32",
+        "tan_keras_conv_per_example_grads__2")}
     assert kinds == {
+        "tan_keras_conv_per_example_grads__2": "fused per-example conv grads (Pallas)",
         "loop_concatenate_fusion_4": "concatenate (conv patches)",
         "sm90_xmma_wgrad_indexed_implicit_gemm_bf16": "cuDNN conv weight grad",
         "nvjet_sm90_tss_64x96": "matmul (cuBLAS / Triton)", "input_reduce_fusion_157": "reductions",
         "loop_convert_fusion_2": "dtype converts", "sm90_xmma_fprop_implicit_gemm_f32": "cuDNN conv forward"}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX (Pallas) kernel")
+def test_conv_kernel_benchmark_reports_every_method_with_float32_accurate_results(monkeypatch):
+    """On a CPU the kernel runs interpreted: every method is timed, and each per-example result is within fp32
+    rounding of float64 numpy (the times mean nothing here)."""
+    from experiments import benchmark_conv_kernel
+
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    rows = benchmark_conv_kernel.run(2, ["6x16x16"], ["float32"], ["16:16:1:4:3", "16:16:0:4:3"], interpret=True,
+                                     repeats=1)
+    assert [r["method"] for r in rows] == ["xla patches", "cudnn summed wgrad", "fused 16:16:1:4:3",
+                                           "fused 16:16:0:4:3"]
+    assert all(r["ms"] is not None for r in rows)
+    assert all(r["err_vs_f64"] < 1e-5 for r in rows if r["method"] != "cudnn summed wgrad")

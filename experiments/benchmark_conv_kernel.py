@@ -1,0 +1,139 @@
+"""Per-example weight gradients of one 3×3 conv: XLA's patches path, the fused Pallas kernel, cuDNN's summed wgrad.
+
+    KERAS_BACKEND=jax python -m experiments.benchmark_conv_kernel --batch_size=1024 \
+        --shapes=32x64x64,16x128x128,32x16x64 --output_json=conv_kernel.json
+
+For each ``HxCxP`` (side, input channels, filters; stride 1, "same") and
+dtype, times (jitted, median of 20, less an empty jitted call):
+
+* ``xla patches``: what the ghost step does without the kernel
+  (``shifted_inputs`` blocks concatenated, one batched matmul);
+* ``cudnn summed wgrad``: the non-private weight gradient (one ``(k·C, P)``
+  sum over the batch, not per example): the floor the per-example path is
+  measured against;
+* ``fused ...``: ``fused_conv_per_example_grads`` with each ``--configs``
+  tiling ``time_block:block:rows:num_warps:num_stages``.
+
+``err_vs_f64`` is each per-example result's largest error on example 0
+against float64 numpy on the same (rounded) values, relative to its largest
+entry: XLA's default fp32 matmuls are TF32 on an H200 (about 3e-4), bf16
+operands give float32-accurate sums (about 1e-6). ``--interpret`` runs the
+kernel in Pallas's interpreter (any device; its times mean nothing).
+"""
+
+import functools
+import json
+import os
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+DEFAULT_CONFIGS = ["32:64:1:4:3", "64:64:1:8:3", "64:64:0:4:3"]
+
+
+def _define_flags():
+    """Flags, defined only when run as a binary (a test imports ``run``)."""
+    flags.DEFINE_integer("batch_size", 1024, "Examples.")
+    flags.DEFINE_list("shapes", ["32x64x64", "16x128x128", "32x16x64"], "HxCxP: side, channels, filters.")
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Operand dtypes.")
+    flags.DEFINE_list("configs", DEFAULT_CONFIGS, "Kernel tilings time_block:block:rows:num_warps:num_stages.")
+    flags.DEFINE_bool("interpret", False, "Run the kernel in Pallas's interpreter.")
+    flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
+
+
+def _median_ms(fn, *args, repeats=20):
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def _example0_f64(x, g):
+    """float64 numpy ``(9·C, P)`` kernel gradient of example 0 (3×3, "same")."""
+    import numpy as np
+
+    x0, g0 = np.asarray(x[0], np.float64), np.asarray(g[0], np.float64)
+    side = x0.shape[0]
+    padded = np.pad(x0, ((1, 1), (1, 1), (0, 0)))
+    return np.concatenate([np.einsum("hwc,hwp->cp", padded[a:a + side, b:b + side], g0)
+                           for a in range(3) for b in range(3)])
+
+
+def run(batch_size, shapes, dtypes, configs, interpret=False, repeats=20):
+    """A list of ``{shape, dtype, method, ms, err_vs_f64}`` rows (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tan_keras.ghost.norms import matmul_per_example_grads, shifted_inputs
+    from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
+
+    if interpret:
+        os.environ["TAN_KERAS_FUSED_CONV"] = "interpret"
+    empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
+    rows = []
+    for shape in shapes:
+        side, channels, filters = (int(v) for v in shape.split("x"))
+        for dtype in dtypes:
+            rng = np.random.default_rng(0)
+            x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
+            g = jnp.asarray(rng.normal(size=(batch_size, side, side, filters)), dtype)
+            launch = _median_ms(empty, x, g, repeats=repeats)
+            want = _example0_f64(x, g)
+
+            def patches(x, g):
+                blocks = shifted_inputs(x, (3, 3), (1, 1), "same", (1, 1))
+                return matmul_per_example_grads(blocks, g.reshape(g.shape[0], -1, g.shape[-1]))
+
+            def summed(x, g):
+                def conv(kernel):
+                    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                return jax.vjp(conv, jnp.zeros((3, 3, channels, filters), x.dtype))[1](g)[0]
+
+            methods = [("xla patches", patches), ("cudnn summed wgrad", summed)]
+            for config in configs:
+                time_block, block, rows_flag, warps, stages = (int(v) for v in config.split(":"))
+                methods.append((f"fused {config}", functools.partial(
+                    fused_conv_per_example_grads, kernel_size=(3, 3), strides=(1, 1), padding="same",
+                    dilation_rate=(1, 1), time_block=time_block, block=block, row_programs=bool(rows_flag),
+                    num_warps=warps, num_stages=stages)))
+            for name, fn in methods:
+                fn = jax.jit(fn)
+                out = fn(x, g)
+                if out is None:  # the kernel declined this layer (see conv_grads)
+                    rows.append(dict(shape=shape, dtype=dtype, method=name, ms=None, err_vs_f64=None))
+                    continue
+                err = None
+                if name != "cudnn summed wgrad":
+                    got = np.asarray(out[0], np.float64).reshape(want.shape)
+                    err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+                ms = _median_ms(fn, x, g, repeats=repeats) - launch
+                rows.append(dict(shape=shape, dtype=dtype, method=name, ms=round(ms, 3), err_vs_f64=err))
+    return rows
+
+
+def main(argv):
+    del argv
+    import jax
+
+    rows = run(FLAGS.batch_size, FLAGS.shapes, FLAGS.dtypes, FLAGS.configs, FLAGS.interpret)
+    print(f"device={jax.devices()[0].device_kind!r} batch={FLAGS.batch_size}")
+    for r in rows:
+        ms = "declined" if r["ms"] is None else f"{r['ms']:8.3f} ms"
+        err = "" if r["err_vs_f64"] is None else f"err {r['err_vs_f64']:.1e}"
+        print(f"{r['shape']:>11s} {r['dtype']:9s} {r['method']:22s} {ms:>11s}  {err}")
+    if FLAGS.output_json:
+        with open(FLAGS.output_json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
