@@ -85,7 +85,8 @@ def test_fused_kernel_multiplies_bf16_operands_exactly_and_sums_in_float32(monke
 
 
 def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
-    """None (the caller forms the patches) off a GPU, for strides, narrow channels and wide fp32 layers."""
+    """None (the caller forms the patches) off a GPU, for strides, narrow channels, wide fp32 layers, huge tensors."""
+    import jax
     import jax.numpy as jnp
 
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
@@ -99,6 +100,9 @@ def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
     assert fused_conv_per_example_grads(wide, wide, (3, 3), (1, 1), "same", (1, 1)) is None
     assert fused_conv_per_example_grads(wide.astype("bfloat16"), wide.astype("bfloat16"), (3, 3), (1, 1), "same",
                                         (1, 1)) is not None
+    huge = jax.ShapeDtypeStruct((4096, 128, 128, 64), jnp.bfloat16)  # 2³¹+ elements once padded: int32 offsets
+    assert jax.eval_shape(lambda x, g: fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)),
+                          huge, huge) is None
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "on")
     with pytest.raises(ValueError, match="TAN_KERAS_FUSED_CONV is 'on'; use one of auto, off, interpret"):
         fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1))

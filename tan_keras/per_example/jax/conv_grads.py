@@ -25,8 +25,8 @@ use (``jax_default_matmul_precision``).
 
 ``fused_conv_per_example_grads`` returns None where the kernel does not apply
 (not a GPU, a stride, channels that are not multiples of 16, fp32 layers
-wider than 64 channels, where cuBLAS is faster; Pallas missing) and the
-caller takes the XLA path (``tan_keras.ghost.norms``).
+wider than 64 channels, where cuBLAS is faster, tensors of 2³¹ elements or
+more, Pallas missing) and the caller takes the XLA path (``tan_keras.ghost.norms``).
 ``TAN_KERAS_FUSED_CONV``: ``auto`` (default: on GPUs), ``off``, or
 ``interpret`` (Pallas's interpreter on any device: the tests' way to check
 the kernel's indexing against a one-example loop on a CPU).
@@ -123,6 +123,8 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     num_t = -(-(out_h * width) // time_block)
     flat_g = num_t * time_block
     flat_x = flat_g + (kh - 1) * dh * width + (kw - 1) * dw
+    if max(rows * flat_x * max(channels, filters), n * kh * kw * channels * filters) >= 2**31:
+        return None  # the kernel's element offsets are int32
     gf = jnp.pad(g, ((0, 0), (0, 0), (0, width - out_w), (0, 0))).reshape(rows, out_h * width, filters)
     gf = jnp.pad(gf, ((0, 0), (0, flat_g - out_h * width), (0, 0)))
     xf = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),)).reshape(rows, height * width, channels)
@@ -165,7 +167,9 @@ def _kernel(x_ref, g_ref, out_ref, *, views, num_t, time_block, bc, bp, kw, per_
 
     i, j, c, p = (pl.program_id(axis) for axis in range(4))
     first = j * per_program  # the program's first offset, row-major over the window
-    int32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731  (Triton lowering: unsigned-free int32 division)
+    # lax.div / lax.rem of non-negative int32s: the Pallas Triton lowering rejects the sign-corrected forms
+    # that Python's ``//`` and ``%`` become (an i1/i32 type mismatch in its ``rem`` rule).
+    int32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
     shifts = [jax.lax.div(first + m, int32(kw)) * row_shift + jax.lax.rem(first + m, int32(kw)) * col_shift
               for m in range(per_program)]
 
