@@ -24,9 +24,10 @@ kernel in Pallas's interpreter (any device; its times mean nothing).
 import functools
 import json
 import os
-import time
 
 from absl import app, flags
+
+from experiments.benchmark_lib import device_name, median_ms
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIGS = ["32:64:1:4:3", "64:64:1:8:3", "64:64:0:4:3"]
@@ -42,18 +43,6 @@ def _define_flags():
     flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
 
 
-def _median_ms(fn, *args, repeats=20):
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 def _example0_f64(x, g):
     """float64 numpy ``(9·C, P)`` kernel gradient of example 0 (3×3, "same")."""
     import numpy as np
@@ -65,8 +54,11 @@ def _example0_f64(x, g):
                            for a in range(3) for b in range(3)])
 
 
-def run(batch_size, shapes, dtypes, configs, interpret=False, repeats=20):
-    """A list of ``{shape, dtype, method, ms, err_vs_f64}`` rows (see the module docstring)."""
+def run(batch_size, shapes, dtypes, configs, repeats=20):
+    """A list of ``{shape, dtype, method, ms, err_vs_f64}`` rows (see the module docstring).
+
+    The kernel runs as ``TAN_KERAS_FUSED_CONV`` says (``--interpret`` sets it to ``interpret``).
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -74,8 +66,6 @@ def run(batch_size, shapes, dtypes, configs, interpret=False, repeats=20):
     from tan_keras.ghost.norms import matmul_per_example_grads, shifted_inputs
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
-    if interpret:
-        os.environ["TAN_KERAS_FUSED_CONV"] = "interpret"
     empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
     rows = []
     for shape in shapes:
@@ -84,7 +74,7 @@ def run(batch_size, shapes, dtypes, configs, interpret=False, repeats=20):
             rng = np.random.default_rng(0)
             x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
             g = jnp.asarray(rng.normal(size=(batch_size, side, side, filters)), dtype)
-            launch = _median_ms(empty, x, g, repeats=repeats)
+            launch = median_ms(empty, x, g, repeats=repeats)
             want = _example0_f64(x, g)
 
             def patches(x, g):
@@ -114,17 +104,17 @@ def run(batch_size, shapes, dtypes, configs, interpret=False, repeats=20):
                 if name != "cudnn summed wgrad":
                     got = np.asarray(out[0], np.float64).reshape(want.shape)
                     err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-                ms = _median_ms(fn, x, g, repeats=repeats) - launch
+                ms = median_ms(fn, x, g, repeats=repeats) - launch
                 rows.append(dict(shape=shape, dtype=dtype, method=name, ms=round(ms, 3), err_vs_f64=err))
     return rows
 
 
 def main(argv):
     del argv
-    import jax
-
-    rows = run(FLAGS.batch_size, FLAGS.shapes, FLAGS.dtypes, FLAGS.configs, FLAGS.interpret)
-    print(f"device={jax.devices()[0].device_kind!r} batch={FLAGS.batch_size}")
+    if FLAGS.interpret:
+        os.environ["TAN_KERAS_FUSED_CONV"] = "interpret"
+    rows = run(FLAGS.batch_size, FLAGS.shapes, FLAGS.dtypes, FLAGS.configs)
+    print(f"device={device_name()!r} batch={FLAGS.batch_size}")
     for r in rows:
         ms = "declined" if r["ms"] is None else f"{r['ms']:8.3f} ms"
         err = "" if r["err_vs_f64"] is None else f"err {r['err_vs_f64']:.1e}"

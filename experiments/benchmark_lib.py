@@ -18,6 +18,7 @@ Models (``build_model``):
 import os
 import platform
 import resource
+import time
 
 MODELS = ("cnn", "mlp", "wrn16_4", "nf_resnet50", "vit")
 NF_RESNET_IMAGE_SIZES = (224, 128)
@@ -108,3 +109,17 @@ def peak_memory_bytes():
         stats = device.memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0)), f"{device.platform} peak_bytes_in_use"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+
+
+def median_ms(fn, *args, repeats):
+    """Median wall time (ms) of ``fn(*args)`` over ``repeats`` runs after one untimed (compiling) run (JAX)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1000 * times[len(times) // 2]

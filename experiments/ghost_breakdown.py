@@ -27,11 +27,10 @@ times themselves come from ``experiments.benchmark``.
 
 import collections
 import json
-import time
 
 from absl import app, flags
 
-from experiments.benchmark_lib import MODELS, build_model, device_name
+from experiments.benchmark_lib import MODELS, build_model, device_name, median_ms
 
 FLAGS = flags.FLAGS
 
@@ -44,19 +43,6 @@ def _define_flags():
     flags.DEFINE_bool("mixed_precision", False, "Use Keras's `mixed_bfloat16` policy.")
     flags.DEFINE_integer("repeats", 10, "Timed runs per piece (the median is reported).")
     flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
-
-
-def _median_ms(fn, *args, repeats):
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1000 * times[len(times) // 2]
 
 
 def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, repeats=10):
@@ -100,7 +86,7 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
     recorded, outputs = record(trainable, non_trainable, x)
     # Launching a jitted function and waiting for it costs tens of µs whatever it does: measured once on
     # a function that reads one element of its arguments, and subtracted from every piece.
-    dispatch_ms = _median_ms(jax.jit(lambda arrays, g: g.ravel()[0]), recorded[0], outputs[0], repeats=repeats)
+    dispatch_ms = median_ms(jax.jit(lambda arrays, g: g.ravel()[0]), recorded[0], outputs[0], repeats=repeats)
     mapping = list(zip(model.trainable_variables, trainable)) + list(zip(model.non_trainable_variables,
                                                                          non_trainable))
     rng = np.random.default_rng(1)
@@ -150,8 +136,8 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
             sum_fn, sum_args = jax.jit(sum_piece), (arrays, g, factors)
         rows.append({"layer": layer.name, "family": type(layer).__name__,
                      "output_shape": list(z.shape), "form": "explicit" if explicit is not None else "ghost/vjp",
-                     "norm_ms": max(_median_ms(norm_fn, arrays, g, repeats=repeats) - dispatch_ms, 0.0),
-                     "sum_ms": max(_median_ms(sum_fn, *sum_args, repeats=repeats) - dispatch_ms, 0.0)})
+                     "norm_ms": max(median_ms(norm_fn, arrays, g, repeats=repeats) - dispatch_ms, 0.0),
+                     "sum_ms": max(median_ms(sum_fn, *sum_args, repeats=repeats) - dispatch_ms, 0.0)})
     families = collections.OrderedDict()
     for row in rows:
         f = families.setdefault(row["family"], {"calls": 0, "norm_ms": 0.0, "sum_ms": 0.0})

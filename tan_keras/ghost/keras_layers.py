@@ -14,7 +14,7 @@ import string
 import keras
 from keras import ops
 
-from tan_keras.ghost.norms import (_as_blocks, _f32, _trainable, example_sums, matmul_grad_sq_norms,
+from tan_keras.ghost.norms import (_f32, _trainable, example_sums, matmul_grad_sq_norms,
                                    conv_per_example_grads as conv_per_example_grads_of,
                                    matmul_per_example_grads, num_examples, per_example, per_example_sum_sq,
                                    position_sum_sq, positions, shifted_inputs, sq_norms_from)
@@ -34,20 +34,21 @@ def _no_lora_or_quantization(layer):
 # --------------------------------------------------------------------------
 
 
-def _matmul_layer_per_example_grads(kernel, bias, a, g):
+def _matmul_layer_per_example_grads(kernel, bias, g, in_dim, kernel_grads):
     """``[(kernel, (B, *kernel.shape)), (bias, (B, p))]`` for the trainable ones, or None (ghost cheaper, or T=1).
 
-    With one position the ghost norm is a product of two norms and the clipped
-    sum one matmul, so per-example gradients would only cost memory.
+    ``g`` is the (B, T, p) output gradient, ``in_dim`` the matmul's input
+    width and ``kernel_grads()`` the kernel's (B, in_dim, p) per-example
+    gradients, called only when they are the cheaper form. With one position
+    the ghost norm is a product of two norms and the clipped sum one matmul,
+    so per-example gradients would only cost memory.
     """
-    blocks = _as_blocks(a)
     num_positions, out_dim = g.shape[1], g.shape[2]
-    in_dim = sum(b.shape[2] for b in blocks)
     if num_positions == 1 or (_trainable(kernel) and use_ghost(num_positions, in_dim, out_dim)):
         return None
     pairs = []
     if _trainable(kernel):
-        pairs.append(per_example(kernel, matmul_per_example_grads(blocks, g)))
+        pairs.append(per_example(kernel, kernel_grads()))
     if _trainable(bias):
         pairs.append((bias, ops.sum(_f32(g), axis=1)))
     return pairs
@@ -57,7 +58,8 @@ def dense_per_example_grads(layer, inputs, output_grad):
     """Dense: per-example kernel/bias gradients when the explicit form is the cheaper one."""
     g = positions(output_grad, layer.units)  # compute dtype: norms.matmul_grad_sq_norms multiplies in float32
     a = positions(inputs, layer.kernel.shape[0])
-    return _matmul_layer_per_example_grads(layer.kernel, layer.bias, a, g)
+    return _matmul_layer_per_example_grads(layer.kernel, layer.bias, g, a.shape[2],
+                                           lambda: matmul_per_example_grads(a, g))
 
 
 @register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization,
@@ -179,21 +181,15 @@ def conv_per_example_grads(layer, inputs, output_grad):
     a GPU, else the patches' matmul).
     """
     g_spatial = _channels_last(output_grad, layer.data_format)
-    g = positions(g_spatial, layer.filters)
-    kernel = layer.kernel
-    bias = layer.bias if layer.use_bias else None
-    in_dim = math.prod(layer.kernel_size) * kernel.shape[-2]
-    if g.shape[1] == 1 or (_trainable(kernel) and use_ghost(g.shape[1], in_dim, layer.filters)):
-        return None
-    pairs = []
-    if _trainable(kernel):
+
+    def kernel_grads():
         x, padding = _conv_input(layer, inputs)
-        grads = conv_per_example_grads_of(x, g_spatial, layer.kernel_size, layer.strides, padding,
-                                          layer.dilation_rate)
-        pairs.append(per_example(kernel, grads))
-    if _trainable(bias):
-        pairs.append((bias, ops.sum(_f32(g), axis=1)))
-    return pairs
+        return conv_per_example_grads_of(x, g_spatial, layer.kernel_size, layer.strides, padding,
+                                         layer.dilation_rate)
+
+    return _matmul_layer_per_example_grads(
+        layer.kernel, layer.bias if layer.use_bias else None, positions(g_spatial, layer.filters),
+        math.prod(layer.kernel_size) * layer.kernel.shape[-2], kernel_grads)
 
 
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",

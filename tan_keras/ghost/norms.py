@@ -182,18 +182,14 @@ def _trainable(variable):
     return variable is not None and variable.trainable
 
 
-def shifted_inputs(inputs, kernel_size, strides, padding, dilation_rate):
-    """A channels-last conv's input patches as one ``(B, T, C)`` block per kernel offset.
+def conv_padding(spatial, kernel_size, strides, padding, dilation_rate):
+    """``(pads, outs)``: TF/Keras "same"/"valid" padding ``[before, after]`` and output size per spatial axis.
 
-    Block j holds, for every output position t, the input pixel that kernel
-    offset j (row-major over ``kernel_size``) multiplies: the conv is
-    ``z_t = Σ_j block_j[t] @ W[j]``. Strided slices of the padded input (the
-    conv's own TF-style "same"/"valid" padding), so no ``k``-fold patch tensor
-    is built.
+    "same": ``out = ⌈size/s⌉`` and ``max((out−1)·s + span − size, 0)`` pixels,
+    the extra one after; "valid": ``out = ⌊(size − span)/s⌋ + 1``, no padding
+    (``span = (k−1)·d + 1``).
     """
-    x = inputs
-    spatial = x.shape[1:-1]
-    pads, outs = [[0, 0]], []
+    pads, outs = [], []
     for size, k, s, d in zip(spatial, kernel_size, strides, dilation_rate):
         span = (k - 1) * d + 1
         if padding == "same":
@@ -204,7 +200,21 @@ def shifted_inputs(inputs, kernel_size, strides, padding, dilation_rate):
             out = (size - span) // s + 1
             pads.append([0, 0])
         outs.append(out)
-    pads.append([0, 0])
+    return pads, outs
+
+
+def shifted_inputs(inputs, kernel_size, strides, padding, dilation_rate):
+    """A channels-last conv's input patches as one ``(B, T, C)`` block per kernel offset.
+
+    Block j holds, for every output position t, the input pixel that kernel
+    offset j (row-major over ``kernel_size``) multiplies: the conv is
+    ``z_t = Σ_j block_j[t] @ W[j]``. Strided slices of the padded input (the
+    conv's own TF-style "same"/"valid" padding, ``conv_padding``), so no
+    ``k``-fold patch tensor is built.
+    """
+    x = inputs
+    spatial_pads, outs = conv_padding(x.shape[1:-1], kernel_size, strides, padding, dilation_rate)
+    pads = [[0, 0]] + spatial_pads + [[0, 0]]
     if any(p != [0, 0] for p in pads):
         x = ops.pad(x, pads)
     blocks = []

@@ -38,6 +38,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from tan_keras.ghost.norms import conv_padding
+
 _MODES = ("auto", "off", "interpret")
 
 # Measured on an H200 (JAX 0.11, B = 1,024, 3×3 "same", per-example gradients of one conv, ms; XLA's
@@ -64,15 +66,6 @@ def _block(size, largest):
             return block
         block //= 2
     return None
-
-
-def _same_pads(kernel_size, dilation_rate):
-    """TF/Keras "same" padding of a stride-1 conv: ``(k−1)·d`` split with the extra pixel after."""
-    pads = []
-    for k, d in zip(kernel_size, dilation_rate):
-        total = (k - 1) * d
-        pads.append((total // 2, total - total // 2))
-    return pads
 
 
 def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1,
@@ -112,7 +105,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
         kernel_size, dilation_rate = (1,) + tuple(kernel_size), (1,) + tuple(dilation_rate)
     kh, kw = kernel_size
     dh, dw = dilation_rate
-    pads = _same_pads(kernel_size, dilation_rate) if padding == "same" else [(0, 0), (0, 0)]
+    pads, _ = conv_padding(x.shape[1:3], kernel_size, (1, 1), padding, dilation_rate)
     rows, height, width = x.shape[0], x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1])
     out_h, out_w = g.shape[1], g.shape[2]
     if out_h != height - (kh - 1) * dh or out_w != width - (kw - 1) * dw or rows % views:
@@ -127,7 +120,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
         return None  # the kernel's element offsets are int32
     gf = jnp.pad(g, ((0, 0), (0, 0), (0, width - out_w), (0, 0))).reshape(rows, out_h * width, filters)
     gf = jnp.pad(gf, ((0, 0), (0, flat_g - out_h * width), (0, 0)))
-    xf = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),)).reshape(rows, height * width, channels)
+    xf = jnp.pad(x, [[0, 0]] + pads + [[0, 0]]).reshape(rows, height * width, channels)
     xf = jnp.pad(xf, ((0, 0), (0, flat_x - height * width), (0, 0)))
 
     # One program: one example, one row of the window (its k_w offsets share each loaded g tile) or one offset.
