@@ -1,10 +1,11 @@
 """Per-example weight gradients of one 3×3 conv: XLA's patches path, the fused Pallas kernel, cuDNN's summed wgrad.
 
     KERAS_BACKEND=jax python -m experiments.benchmark_conv_kernel --batch_size=1024 \
-        --shapes=32x64x64,16x128x128,32x16x64 --output_json=conv_kernel.json
+        --shapes=32x64x64,16x128x128,32x16x64,32x64x128s2 --output_json=conv_kernel.json
 
-For each ``HxCxP`` (side, input channels, filters; stride 1, "same") and
-dtype, times (jitted, median of 20, less an empty jitted call):
+For each ``HxCxP[sS]`` (input side, input channels, filters, stride S,
+default 1; "same" padding) and dtype, times (jitted, median of 20, less an
+empty jitted call):
 
 * ``xla patches``: what the ghost step does without the kernel
   (``shifted_inputs`` blocks concatenated, one batched matmul);
@@ -18,7 +19,9 @@ dtype, times (jitted, median of 20, less an empty jitted call):
 against float64 numpy on the same (rounded) values, relative to its largest
 entry: XLA's default fp32 matmuls are TF32 on an H200 (about 3e-4), bf16
 operands give float32-accurate sums (about 1e-6). ``--interpret`` runs the
-kernel in Pallas's interpreter (any device; its times mean nothing).
+kernel in Pallas's interpreter (any device; its times mean nothing);
+``--fp32_any_width`` times fp32 layers the kernel declines by default
+(``conv_grads._FP32_MAX_CHANNELS``).
 """
 
 import functools
@@ -36,21 +39,26 @@ DEFAULT_CONFIGS = ["32:64:1:4:3", "64:64:1:8:3", "64:64:0:4:3"]
 def _define_flags():
     """Flags, defined only when run as a binary (a test imports ``run``)."""
     flags.DEFINE_integer("batch_size", 1024, "Examples.")
-    flags.DEFINE_list("shapes", ["32x64x64", "16x128x128", "32x16x64"], "HxCxP: side, channels, filters.")
+    flags.DEFINE_list("shapes", ["32x64x64", "16x128x128", "32x16x64", "32x64x128s2"],
+                      "HxCxP[sS]: input side, channels, filters, stride.")
     flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Operand dtypes.")
     flags.DEFINE_list("configs", DEFAULT_CONFIGS, "Kernel tilings time_block:block:rows:num_warps:num_stages.")
     flags.DEFINE_bool("interpret", False, "Run the kernel in Pallas's interpreter.")
+    flags.DEFINE_bool("fp32_any_width", False, "Lift the kernel's fp32 width limit (to time it).")
     flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
 
 
-def _example0_f64(x, g):
-    """float64 numpy ``(9·C, P)`` kernel gradient of example 0 (3×3, "same")."""
+def _example0_f64(x, g, stride):
+    """float64 numpy ``(9·C, P)`` kernel gradient of example 0 (3×3, "same", ``stride``)."""
     import numpy as np
 
+    from tan_keras.ghost.norms import conv_padding
+
     x0, g0 = np.asarray(x[0], np.float64), np.asarray(g[0], np.float64)
-    side = x0.shape[0]
-    padded = np.pad(x0, ((1, 1), (1, 1), (0, 0)))
-    return np.concatenate([np.einsum("hwc,hwp->cp", padded[a:a + side, b:b + side], g0)
+    pads, (out, _) = conv_padding(x0.shape[:2], (3, 3), (stride, stride), "same", (1, 1))
+    padded = np.pad(x0, pads + [[0, 0]])
+    span = stride * (out - 1) + 1
+    return np.concatenate([np.einsum("hwc,hwp->cp", padded[a:a + span:stride, b:b + span:stride], g0)
                            for a in range(3) for b in range(3)])
 
 
@@ -69,21 +77,24 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
     empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
     rows = []
     for shape in shapes:
-        side, channels, filters = (int(v) for v in shape.split("x"))
+        shape_only, _, stride = shape.partition("s")
+        side, channels, filters = (int(v) for v in shape_only.split("x"))
+        strides = (int(stride or 1),) * 2
+        out_side = -(-side // strides[0])
         for dtype in dtypes:
             rng = np.random.default_rng(0)
             x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
-            g = jnp.asarray(rng.normal(size=(batch_size, side, side, filters)), dtype)
+            g = jnp.asarray(rng.normal(size=(batch_size, out_side, out_side, filters)), dtype)
             launch = median_ms(empty, x, g, repeats=repeats)
-            want = _example0_f64(x, g)
+            want = _example0_f64(x, g, strides[0])
 
             def patches(x, g):
-                blocks = shifted_inputs(x, (3, 3), (1, 1), "same", (1, 1))
+                blocks = shifted_inputs(x, (3, 3), strides, "same", (1, 1))
                 return matmul_per_example_grads(blocks, g.reshape(g.shape[0], -1, g.shape[-1]))
 
             def summed(x, g):
                 def conv(kernel):
-                    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                    return jax.lax.conv_general_dilated(x, kernel, strides, "SAME",
                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
                 return jax.vjp(conv, jnp.zeros((3, 3, channels, filters), x.dtype))[1](g)[0]
 
@@ -91,7 +102,7 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
             for config in configs:
                 time_block, block, rows_flag, warps, stages = (int(v) for v in config.split(":"))
                 methods.append((f"fused {config}", functools.partial(
-                    fused_conv_per_example_grads, kernel_size=(3, 3), strides=(1, 1), padding="same",
+                    fused_conv_per_example_grads, kernel_size=(3, 3), strides=strides, padding="same",
                     dilation_rate=(1, 1), time_block=time_block, block=block, row_programs=bool(rows_flag),
                     num_warps=warps, num_stages=stages)))
             for name, fn in methods:
@@ -113,6 +124,10 @@ def main(argv):
     del argv
     if FLAGS.interpret:
         os.environ["TAN_KERAS_FUSED_CONV"] = "interpret"
+    if FLAGS.fp32_any_width:
+        from tan_keras.per_example.jax import conv_grads
+
+        conv_grads._FP32_MAX_CHANNELS = float("inf")
     rows = run(FLAGS.batch_size, FLAGS.shapes, FLAGS.dtypes, FLAGS.configs)
     print(f"device={device_name()!r} batch={FLAGS.batch_size}")
     for r in rows:

@@ -161,8 +161,9 @@ def test_conv_kernel_benchmark_reports_every_method_with_float32_accurate_result
     from experiments import benchmark_conv_kernel
 
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
-    rows = benchmark_conv_kernel.run(2, ["6x16x16"], ["float32"], ["16:16:1:4:3", "16:16:0:4:3"], repeats=1)
-    assert [r["method"] for r in rows] == ["xla patches", "cudnn summed wgrad", "fused 16:16:1:4:3",
-                                           "fused 16:16:0:4:3"]
+    rows = benchmark_conv_kernel.run(2, ["6x16x16", "7x16x16s2"], ["float32"], ["16:16:1:4:3", "16:16:0:4:3"],
+                                     repeats=1)
+    assert [r["method"] for r in rows] == 2 * ["xla patches", "cudnn summed wgrad", "fused 16:16:1:4:3",
+                                               "fused 16:16:0:4:3"]
     assert all(r["ms"] is not None for r in rows)
     assert all(r["err_vs_f64"] < 1e-5 for r in rows if r["method"] != "cudnn summed wgrad")

@@ -1,13 +1,13 @@
 """The fused per-example conv-gradient kernel (JAX, Pallas) equals a one-example loop of JAX's own conv VJP.
 
-On a GPU the ghost step forms a stride-1 conv's per-example kernel gradients
-with one Pallas kernel that reads the input through flat shifted slices
-instead of forming its patches (``tan_keras/per_example/jax/conv_grads.py``).
-Here it runs in Pallas's interpreter (``TAN_KERAS_FUSED_CONV=interpret``), so
-its indexing (padding, dilation, the wrap-around columns, AugMult's views,
-the tiling's ragged last tile) is checked on a CPU against a reference
-written here: each example alone through ``lax.conv_general_dilated`` and
-``jax.vjp``, or float64 numpy for bf16 operands.
+On a GPU the ghost step forms a conv's per-example kernel gradients with one
+Pallas kernel that gathers each kernel offset's input pixels itself instead
+of forming the patches (``tan_keras/per_example/jax/conv_grads.py``). Here it
+runs in Pallas's interpreter (``TAN_KERAS_FUSED_CONV=interpret``), so its
+indexing (padding, strides, dilation, AugMult's views, the tiling's ragged
+last tile) is checked on a CPU against a reference written here: each
+example alone through ``lax.conv_general_dilated`` and ``jax.vjp``, or
+float64 numpy for bf16 operands.
 """
 
 import keras
@@ -19,38 +19,45 @@ import tan_keras
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX (Pallas) kernel")
 
 
-def _conv(x, kernel, padding, dilation):
+def _conv(x, kernel, padding, dilation, strides=None):
     import jax
 
     spec = ("NWC", "WIO", "NWC") if x.ndim == 3 else ("NHWC", "HWIO", "NHWC")
-    return jax.lax.conv_general_dilated(x, kernel, (1,) * (x.ndim - 2), padding.upper(), rhs_dilation=dilation,
-                                        dimension_numbers=spec)
+    return jax.lax.conv_general_dilated(x, kernel, strides or (1,) * (x.ndim - 2), padding.upper(),
+                                        rhs_dilation=dilation, dimension_numbers=spec)
 
 
-def _loop_kernel_grads(x, g, kernel_size, padding, dilation, views):
+def _loop_kernel_grads(x, g, kernel_size, strides, padding, dilation, views):
     """Each row alone through JAX's conv VJP, summed over each example's ``views`` rows: (n, k·C, P), numpy."""
     import jax
     import jax.numpy as jnp
 
     zeros = jnp.zeros(tuple(kernel_size) + (x.shape[-1], g.shape[-1]), x.dtype)
-    rows = [np.asarray(jax.vjp(lambda k, xi=x[i:i + 1]: _conv(xi, k, padding, dilation), zeros)[1](g[i:i + 1])[0],
-                       np.float64) for i in range(x.shape[0])]
+    def one(i):
+        pullback = jax.vjp(lambda k: _conv(x[i:i + 1], k, padding, dilation, strides), zeros)[1]
+        return np.asarray(pullback(g[i:i + 1])[0], np.float64)
+
+    rows = [one(i) for i in range(x.shape[0])]
     return np.stack(rows).reshape(x.shape[0] // views, views, -1, g.shape[-1]).sum(axis=1)
 
 
-GEOMETRIES = [  # (rows n·K, spatial, C, P, kernel, padding, dilation, K)
-    ((3, (5, 6), 16, 32, (3, 3), "same", (1, 1), 1)),
-    ((2, (7, 5), 32, 16, (3, 3), "valid", (1, 1), 1)),
-    ((6, (4, 4), 16, 16, (3, 3), "same", (1, 1), 3)),
-    ((2, (6, 6), 16, 16, (3, 3), "same", (2, 2), 1)),
-    ((2, (6, 7), 16, 16, (5, 3), "same", (1, 2), 1)),
-    ((4, (9,), 16, 32, (3,), "same", (2,), 2)),
+GEOMETRIES = [  # (rows n·K, spatial, C, P, kernel, strides, padding, dilation, K)
+    ((3, (5, 6), 16, 32, (3, 3), (1, 1), "same", (1, 1), 1)),
+    ((2, (7, 5), 32, 16, (3, 3), (1, 1), "valid", (1, 1), 1)),
+    ((6, (4, 4), 16, 16, (3, 3), (1, 1), "same", (1, 1), 3)),
+    ((2, (6, 6), 16, 16, (3, 3), (1, 1), "same", (2, 2), 1)),
+    ((2, (6, 7), 16, 16, (5, 3), (1, 1), "same", (1, 2), 1)),
+    ((4, (9,), 16, 32, (3,), (1,), "same", (2,), 2)),
+    ((2, (8, 7), 16, 16, (3, 3), (2, 2), "same", (1, 1), 1)),  # "same" with a stride: the extra pixel after
+    ((4, (7, 9), 16, 32, (3, 3), (2, 1), "valid", (1, 1), 2)),
+    ((2, (11,), 16, 16, (4,), (3,), "same", (1,), 1)),
+    ((1, (17, 17), 16, 16, (3, 3), (1, 1), "same", (1, 1), 1)),  # 289 positions: steps of 32, the last ragged
 ]
 
 
-@pytest.mark.parametrize("rows,spatial,channels,filters,kernel_size,padding,dilation,views", GEOMETRIES)
+@pytest.mark.parametrize("rows,spatial,channels,filters,kernel_size,strides,padding,dilation,views", GEOMETRIES)
 def test_fused_kernel_equals_a_one_example_loop_of_the_conv_vjp(rows, spatial, channels, filters, kernel_size,
-                                                                 padding, dilation, views, monkeypatch):
+                                                                 strides, padding, dilation, views, monkeypatch):
     import jax.numpy as jnp
 
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
@@ -58,11 +65,11 @@ def test_fused_kernel_equals_a_one_example_loop_of_the_conv_vjp(rows, spatial, c
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), jnp.float32)
-    out_shape = _conv(x, jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation).shape
+    out_shape = _conv(x, jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation, strides).shape
     g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
-    got = fused_conv_per_example_grads(x, g, kernel_size, (1,) * len(kernel_size), padding, dilation, views=views)
+    got = fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
     assert got is not None and got.dtype == jnp.float32
-    want = _loop_kernel_grads(x, g, kernel_size, padding, dilation, views)
+    want = _loop_kernel_grads(x, g, kernel_size, strides, padding, dilation, views)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -85,7 +92,7 @@ def test_fused_kernel_multiplies_bf16_operands_exactly_and_sums_in_float32(monke
 
 
 def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
-    """None (the caller forms the patches) off a GPU, for strides, narrow channels, wide fp32 layers, huge tensors."""
+    """None (the caller forms the patches) off a GPU, for narrow channels, wide fp32 layers, huge tensors."""
     import jax
     import jax.numpy as jnp
 
@@ -94,13 +101,13 @@ def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
     x, g = jnp.zeros((2, 8, 8, 16)), jnp.zeros((2, 8, 8, 16))
     assert fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
-    assert fused_conv_per_example_grads(x, g[:, ::2, ::2], (3, 3), (2, 2), "same", (1, 1)) is None
+    assert fused_conv_per_example_grads(x, g[:, ::2], (3, 3), (1, 1), "same", (1, 1)) is None  # g of another shape
     assert fused_conv_per_example_grads(x[..., :8], g, (3, 3), (1, 1), "same", (1, 1)) is None
     wide = jnp.zeros((2, 8, 8, 128))
     assert fused_conv_per_example_grads(wide, wide, (3, 3), (1, 1), "same", (1, 1)) is None
     assert fused_conv_per_example_grads(wide.astype("bfloat16"), wide.astype("bfloat16"), (3, 3), (1, 1), "same",
                                         (1, 1)) is not None
-    huge = jax.ShapeDtypeStruct((4096, 128, 128, 64), jnp.bfloat16)  # 2³¹+ elements once padded: int32 offsets
+    huge = jax.ShapeDtypeStruct((4096, 128, 128, 64), jnp.bfloat16)  # 2³² elements: int32 offsets
     assert jax.eval_shape(lambda x, g: fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)),
                           huge, huge) is None
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "on")

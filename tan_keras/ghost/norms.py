@@ -141,7 +141,7 @@ def conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate):
     ``x`` is the layer input ``(n·K, *spatial, C)`` (causal padding already
     applied, then ``"valid"``) and ``g`` the output gradient
     ``(n·K, *spatial_out, P)``. Where the backend has a fused kernel for the
-    conv (JAX on a GPU, stride 1, a window of more than one offset:
+    conv (JAX on a GPU, a window of more than one offset:
     ``per_example.fused_conv_per_example_grads``) the input patches are never
     formed; elsewhere ``matmul_per_example_grads`` of the ``shifted_inputs``
     blocks. Both are the float32 sums ``Σ_t patch_tᵀ g_t`` of the same values.

@@ -1,38 +1,47 @@
-"""Per-example weight gradients of a stride-1 convolution in one fused GPU kernel (Pallas, Triton).
+"""Per-example weight gradients of a convolution in one fused GPU kernel (Pallas, Triton).
 
 For a channels-last conv with kernel offsets ``o_j`` (row-major over the
 kernel window), example ``i``'s weight gradient is
 
-    ∇W_i[j] = Σ_t x_i[t + o_j]ᵀ g_i[t]        (C × P per offset j)
+    ∇W_i[j] = Σ_t x_i[s·t + o_j]ᵀ g_i[t]        (C × P per offset j)
 
-over its output positions ``t``, ``x`` the (padded) input and ``g = ∂ℓ/∂z``.
-XLA forms the ``k``-fold patch tensor (one copy of the input per offset,
-concatenated) before one batched matmul: on an H200 that concatenate is the
-largest single cost of a ghost step on a WRN (5.3 of its 10 extra ms at
-bf16, README "Where the DP step's time goes").
+over its output positions ``t``, ``x`` the (padded) input, ``s`` the stride
+and ``g = ∂ℓ/∂z``. XLA forms the ``k``-fold patch tensor (one copy of the
+input per offset, concatenated) before one batched matmul: on an H200 that
+concatenate was the largest single cost of a ghost step on a WRN (5.3 of its
+10 extra ms at bf16, README "Where the DP step's time goes").
 
-This kernel never forms the patches. Both tensors are flattened over a
-padded row width ``W_p``: in that layout offset ``(a, b)`` of the window is
-the constant shift ``a·d_h·W_p + b·d_w`` of the flat index, so every offset's
-operand is a contiguous slice of the same flat input, loaded tile by tile
-from the GPU's cache. ``g`` is zero in the ``W_p − W_out`` padding columns,
-which cancels the slices' wrap-around rows. One program computes one
-``(C-block × P-block)`` tile of the offsets of one row of the window (they
-share each loaded ``g`` tile) for one example, summed over its K views under
-AugMult, accumulating in float32: bf16 operands are multiplied
+This kernel never forms the patches. ``x`` and ``g`` keep their own layouts
+(flattened over their rows, a free reshape). A step takes a tile of
+consecutive output positions; each offset's input pixels are then
+
+* "shift" (stride 1, output as wide as the input: "same"): one contiguous
+  slice of the flat input, at the constant shift ``(a·d_h − pad_top)·W +
+  b·d_w − pad_left`` of offset ``(a, b)``. The flat input holds zero rows
+  before and after (one pad, for the rows outside the image); the columns
+  outside it are masked in the load, which Triton still copies to shared
+  memory asynchronously;
+* "gather" (strides, "valid"): each pixel's index computed from its
+  position, clamped where it is padding and its value masked.
+
+The last tile's positions past the end are masked in ``g``. One program
+computes one ``(C-block × P-block)`` tile of the offsets of one row of the
+window (they share each loaded ``g`` tile) for one example, summed over its K
+views under AugMult, accumulating in float32: bf16 operands are multiplied
 exactly (Triton's bf16 MMA), fp32 ones at the precision XLA's own matmuls
 use (``jax_default_matmul_precision``).
 
 ``fused_conv_per_example_grads`` returns None where the kernel does not apply
-(not a GPU, a stride, channels that are not multiples of 16, fp32 layers
-wider than 64 channels, where cuBLAS is faster, tensors of 2³¹ elements or
-more, Pallas missing) and the caller takes the XLA path (``tan_keras.ghost.norms``).
+(not a GPU, channels that are not multiples of 16, fp32 layers wider than 64
+channels, where cuBLAS is faster, tensors of 2³¹ elements or more, Pallas
+missing) and the caller takes the XLA path (``tan_keras.ghost.norms``).
 ``TAN_KERAS_FUSED_CONV``: ``auto`` (default: on GPUs), ``off``, or
 ``interpret`` (Pallas's interpreter on any device: the tests' way to check
 the kernel's indexing against a one-example loop on a CPU).
 """
 
 import functools
+import math
 import os
 
 import jax
@@ -43,12 +52,20 @@ from tan_keras.ghost.norms import conv_padding
 _MODES = ("auto", "off", "interpret")
 
 # Measured on an H200 (JAX 0.11, B = 1,024, 3×3 "same", per-example gradients of one conv, ms; XLA's
-# concatenate + batched matmul → this kernel with its default tiling):
-#   bf16   16→64 @32²: 0.945 → 0.355   64→64 @32²: 1.457 → 0.558   128→128 @16²: 0.846 → 0.647
-#   fp32   16→64 @32²: 1.140 → 0.774   64→64 @32²: 1.850 → 1.723   128→128 @16²: 1.069 → 1.680
-# (fp32 at XLA's default TF32 precision; B = 128, 64→64 @56²: bf16 0.744 → 0.211, fp32 0.905 → 0.729).
+# concatenate + batched matmul, then this kernel, in one process; README, docs/benchmarks/h200_2026-12-01_gather):
+#   bf16   64→64 @32²: 1.53 → 0.406    128→128 @16²: 0.94 → 0.420    64→128 @32² stride 2: 0.52 → 0.39
+#   fp32   64→64 @32²: 2.30 → 1.368    128→128 @16²: 1.01 → 1.458    (XLA's default TF32 precision)
 # fp32 tiles of wider layers are slower than cuBLAS, so they keep the XLA path.
 _FP32_MAX_CHANNELS = 64
+
+
+def _time_block(positions):
+    """Output positions per step: 64 where a program's loop is short, else 32.
+
+    On an H200 (B = 1,024, bf16, 3×3): 128→128 @16² (256 positions) 0.522 ms
+    at 32, 0.420 at 64; 64→64 @32² 0.406 at 32, 0.468 at 64.
+    """
+    return 64 if positions <= 256 else 32
 
 
 def _mode():
@@ -69,7 +86,7 @@ def _block(size, largest):
 
 
 def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1,
-                                 time_block=32, block=64, row_programs=True, num_warps=4, num_stages=3):
+                                 time_block=None, block=64, row_programs=True, num_warps=4, num_stages=3):
     """``(n, k_h·k_w·C, P)`` float32 per-example kernel gradients of a 1-D/2-D conv, or None (not applicable).
 
     Args:
@@ -78,9 +95,11 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
       kernel_size, strides, dilation_rate: the layer's (1 or 2 entries).
       padding: ``"same"`` or ``"valid"`` (causal: pad first, then ``"valid"``).
       views: K, rows per example (AugMult): each example's gradient sums its rows'.
-      time_block, block, row_programs, num_warps, num_stages: the tiling (flat
+      time_block, block, row_programs, num_warps, num_stages: the tiling (output
         positions per step, largest channel block, both powers of two; one
         window row or one offset per program) and Triton's launch parameters.
+        ``time_block=None``: 64 for short loops (≤ 256 positions per example
+        and channel block), else 32 (``_time_block``).
 
     The rows of the result follow ``kernel.reshape(k_h·k_w·C, P)``, so
     ``reshape(result, (n,) + kernel.shape)`` is the per-example kernel gradient.
@@ -88,7 +107,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     mode = _mode()
     if mode == "off" or (mode == "auto" and jax.default_backend() != "gpu"):
         return None
-    if any(s != 1 for s in strides) or len(kernel_size) not in (1, 2) or padding not in ("same", "valid"):
+    if len(kernel_size) not in (1, 2) or padding not in ("same", "valid"):
         return None
     channels, filters = x.shape[-1], g.shape[-1]
     bc, bp = _block(channels, block), _block(filters, block)
@@ -102,32 +121,42 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
         return None
     if len(kernel_size) == 1:  # Conv1D as a conv over one row
         x, g = x[:, None], g[:, None]
-        kernel_size, dilation_rate = (1,) + tuple(kernel_size), (1,) + tuple(dilation_rate)
-    kh, kw = kernel_size
-    dh, dw = dilation_rate
-    pads, _ = conv_padding(x.shape[1:3], kernel_size, (1, 1), padding, dilation_rate)
-    rows, height, width = x.shape[0], x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1])
+        kernel_size, strides, dilation_rate = ((1,) + tuple(kernel_size), (1,) + tuple(strides),
+                                               (1,) + tuple(dilation_rate))
+    pads, outs = conv_padding(x.shape[1:3], kernel_size, strides, padding, dilation_rate)
+    rows, height, width = x.shape[:3]
     out_h, out_w = g.shape[1], g.shape[2]
-    if out_h != height - (kh - 1) * dh or out_w != width - (kw - 1) * dw or rows % views:
+    if [out_h, out_w] != list(outs) or rows % views:
         return None
-    n = rows // views
-
-    # Flat layouts over the padded width: g zero in its padding columns and tail, x long enough for every slice.
-    num_t = -(-(out_h * width) // time_block)
-    flat_g = num_t * time_block
-    flat_x = flat_g + (kh - 1) * dh * width + (kw - 1) * dw
-    if max(rows * flat_x * max(channels, filters), n * kh * kw * channels * filters) >= 2**31:
+    if max(rows * height * width * channels, rows * out_h * out_w * filters,
+           (rows // views) * math.prod(kernel_size) * channels * filters) >= 2**31:
         return None  # the kernel's element offsets are int32
-    gf = jnp.pad(g, ((0, 0), (0, 0), (0, width - out_w), (0, 0))).reshape(rows, out_h * width, filters)
-    gf = jnp.pad(gf, ((0, 0), (0, flat_g - out_h * width), (0, 0)))
-    xf = jnp.pad(x, [[0, 0]] + pads + [[0, 0]]).reshape(rows, height * width, channels)
-    xf = jnp.pad(xf, ((0, 0), (0, flat_x - height * width), (0, 0)))
-
-    # One program: one example, one row of the window (its k_w offsets share each loaded g tile) or one offset.
+    n = rows // views
+    kh, kw = kernel_size
+    (sh, sw), (dh, dw) = strides, dilation_rate
+    positions = out_h * out_w
+    time_block = time_block or _time_block(views * positions)
+    num_t = -(-positions // time_block)
+    gf = g.reshape(rows, positions, filters)  # natural layout (a free reshape); the last tile is masked
+    xf = x.reshape(rows, height * width, channels)
+    # Stride 1 with the input's row width ("same"): offset (a, b) is the constant shift of the flat position
+    # (a·d_h − pad_top)·W + b·d_w − pad_left, so its pixels are one contiguous slice of the flat input,
+    # zero-padded before and after (rows outside the image read zeros; columns outside it are masked).
+    # Otherwise each pixel's index is computed and gathered.
+    front = 0
+    if (sh, sw) == (1, 1) and out_w == width:
+        front = pads[0][0] * width + pads[1][0]
+        last_shift = ((kh - 1) * dh - pads[0][0]) * width + (kw - 1) * dw - pads[1][0]
+        xf = jnp.pad(xf, ((0, 0), (front, num_t * time_block - positions + max(last_shift, 0)), (0, 0)))
+        layout = "shift"
+    else:
+        layout = "gather"
     per_program = kw if row_programs else 1
-    kernel = functools.partial(_kernel, views=views, num_t=num_t, time_block=time_block, bc=bc, bp=bp,
-                               kw=kw, per_program=per_program, row_shift=dh * width, col_shift=dw,
-                               precision=_precision(x.dtype))
+    kernel = functools.partial(
+        _kernel, views=views, num_t=num_t, time_block=time_block, bc=bc, bp=bp, kw=kw, per_program=per_program,
+        layout=layout,
+        geometry=(height, width, out_w, positions, strides, dilation_rate, pads[0][0], pads[1][0], front),
+        precision=_precision(x.dtype))
     call_kwargs = {}
     if mode == "interpret":
         call_kwargs["interpret"] = True
@@ -153,27 +182,59 @@ def _precision(dtype):
     return jax.config.jax_default_matmul_precision
 
 
-def _kernel(x_ref, g_ref, out_ref, *, views, num_t, time_block, bc, bp, kw, per_program, row_shift, col_shift,
+def _kernel(x_ref, g_ref, out_ref, *, views, num_t, time_block, bc, bp, kw, per_program, layout, geometry,
             precision):
-    """One (C-block, P-block) tile of ``per_program`` kernel offsets of one example: ``Σ_views Σ_t x[t + o]ᵀ g[t]``."""
-    from jax.experimental import pallas as pl
+    """One (C-block, P-block) tile of ``per_program`` kernel offsets of one example: ``Σ_views Σ_t x[t + o]ᵀ g[t]``.
 
+    A step takes ``time_block`` consecutive output positions ``t = (h, w)``;
+    offset ``(a, b)`` reads input pixel ``(h·s_h + a·d_h − pad_top,
+    w·s_w + b·d_w − pad_left)`` of each, or 0 where that pixel is padding.
+    ``layout`` "shift": one slice of the flat input, which holds ``front``
+    zeros before it (padding rows), columns outside the image masked;
+    "gather": each pixel's index computed, clamped to a valid one where it is
+    padding, and its value masked. Positions past the last are masked in ``g``.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    height, width, out_w, positions, (sh, sw), (dh, dw), pad_top, pad_left, front = geometry
     i, j, c, p = (pl.program_id(axis) for axis in range(4))
-    first = j * per_program  # the program's first offset, row-major over the window
     # lax.div / lax.rem of non-negative int32s: the Pallas Triton lowering rejects the sign-corrected forms
     # that Python's ``//`` and ``%`` become (an i1/i32 type mismatch in its ``rem`` rule).
     int32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-    shifts = [jax.lax.div(first + m, int32(kw)) * row_shift + jax.lax.rem(first + m, int32(kw)) * col_shift
-              for m in range(per_program)]
+    offsets = []  # (a, b) of the program's offsets, row-major over the window
+    for m in range(per_program):
+        offset = j * per_program + m
+        offsets.append((jax.lax.div(offset, int32(kw)), jax.lax.rem(offset, int32(kw))))
+    lanes_c = c * bc + jnp.arange(bc, dtype=jnp.int32)
+    ragged = positions % time_block != 0
 
     def body(step, accs):
         row = i * views + jax.lax.div(step, int32(num_t))
         t0 = jax.lax.rem(step, int32(num_t)) * time_block
-        b = g_ref[row, pl.ds(t0, time_block), pl.ds(p * bp, bp)]
+        t = t0 + jnp.arange(time_block, dtype=jnp.int32)
+        g_tile = g_ref.at[row, pl.ds(t0, time_block), pl.ds(p * bp, bp)]
+        if ragged:  # the last step's positions past the end read as 0
+            b_tile = plgpu.load(g_tile, mask=(t < positions)[:, None], other=0)
+        else:
+            b_tile = g_tile[...]
+        if layout == "gather":
+            t = jnp.minimum(t, positions - 1)
+        h, w = jax.lax.div(t, int32(out_w)), jax.lax.rem(t, int32(out_w))
         out = []
-        for shift, acc in zip(shifts, accs):
-            a = x_ref[row, pl.ds(shift + t0, time_block), pl.ds(c * bc, bc)]
-            out.append(acc + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+        for (a, b), acc in zip(offsets, accs):
+            wi = w * sw + b * dw - pad_left
+            if layout == "shift":  # a masked load: Triton still copies the tile to shared memory asynchronously
+                start = t0 + front + (a * dh - pad_top) * width + b * dw - pad_left
+                inside = (wi >= 0) & (wi < width)
+                a_tile = plgpu.load(x_ref.at[row, pl.ds(start, time_block), pl.ds(c * bc, bc)],
+                                    mask=inside[:, None], other=0)
+            else:
+                hi = h * sh + a * dh - pad_top
+                inside = (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
+                a_tile = x_ref[row, jnp.where(inside, hi * width + wi, 0)[:, None], lanes_c[None, :]]
+                a_tile = jnp.where(inside[:, None], a_tile, jnp.zeros_like(a_tile))
+            out.append(acc + jax.lax.dot_general(a_tile, b_tile, (((0,), (0,)), ((), ())), precision=precision,
                                                  preferred_element_type=jnp.float32))
         return tuple(out)
 
