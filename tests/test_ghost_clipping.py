@@ -279,3 +279,84 @@ def test_einsum_f32_keeps_float32_and_float64_operands_at_their_precision():
         a = ops.convert_to_tensor(np.ones((2, 3)), dtype=dtype)
         out = tan_keras.per_example.einsum_f32("ij,jk->ik", a, ops.transpose(a))
         assert keras.backend.standardize_dtype(out.dtype) == keras.backend.standardize_dtype(a.dtype)
+
+
+class _Readout(keras.layers.Layer):
+    """``Σ_t Σ_j u_tj z_tj``: a fixed readout, so that ``∂ℓ/∂z = u`` exactly."""
+
+    def __init__(self, u, **kwargs):
+        super().__init__(**kwargs)
+        self.u = u
+
+    def call(self, z):
+        from keras import ops
+
+        return ops.sum(z * ops.cast(self.u, z.dtype), axis=(1, 2))[:, None]
+
+
+def test_bf16_book_keeping_keeps_an_examples_clipped_contribution_within_the_clip_norm():
+    """Under mixed_bfloat16 a ghost-form layer's share of the clipped sum is its weight gradient at the rounded
+    cotangent round(c·g). Where ``a_iᵀ g_i`` cancels over positions the roundings need not: this example (a
+    Dense on 64 positions, input e₁ everywhere, output gradients alternating 1 and −(1 − 2⁻⁷), so ‖∇W‖ = 0.25)
+    would add 1.3·C with the plain factor. The step measures the rounded contributions and halves the
+    factor, so the clipped sum of the one example stays within C."""
+    import ml_dtypes
+    from keras import ops
+
+    from tan_keras.ghost import bookkeeping, registry
+
+    positions, width = 64, 256
+    assert registry.use_ghost(positions, width, width)
+    v = np.where(np.arange(positions) % 2 == 0, 1.0, -(1.0 - 2.0**-7)).astype("float32")
+    u = np.zeros((positions, width), "float32")
+    u[:, 0] = v
+    inputs = keras.Input((positions, width))
+    z = keras.layers.Dense(width, use_bias=False, dtype="mixed_bfloat16", name="watched")(inputs)
+    model = tan_keras.make_private(keras.Model(inputs, _Readout(u, dtype="mixed_bfloat16")(z)), clipping="ghost")
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                  loss=lambda y_true, y_pred: y_pred[:, 0])
+    x = np.zeros((1, positions, width), "float32")
+    x[0, :, 0] = 1.0
+    l2_norm_clip = 0.0943
+
+    # What the unguarded step adds: Σ_t round(round(c)·v_t), with c the (margin-reduced) plain clip factor.
+    bf16 = ml_dtypes.bfloat16
+    c = np.float32(l2_norm_clip / (1.0 + bookkeeping.ROUNDING_MARGIN) / 0.25)
+    plain = np.sum((np.float32(c.astype(bf16)) * v.astype(bf16).astype("float32")).astype(bf16).astype(np.float64))
+    assert plain > 1.3 * l2_norm_clip
+
+    got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, x, np.zeros((1, 1)), l2_norm_clip)
+    np.testing.assert_allclose(np.asarray(got_norms), [0.25], rtol=1e-6)
+    got = np.sqrt(sum(float(np.sum(np.square(np.asarray(ops.cast(g, "float32"), np.float64)))) for g in got_sum))
+    assert 0.4 * l2_norm_clip < got <= l2_norm_clip
+
+
+def test_bf16_book_keeping_clips_ordinary_examples_to_the_margin_reduced_norm_without_halving():
+    """With ordinary data the rounding of ``c ⊙ g`` is ~1e-3 of the norm, inside the 2⁻⁷ margin: every example
+    is clipped to C/(1 + 2⁻⁷) exactly as plain clipping would (none halved), against a one-example loop."""
+    from keras import ops
+
+    from tan_keras.ghost import bookkeeping, registry
+
+    assert registry.use_ghost(16, 48, 48)  # both hidden Dense layers take the ghost form
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 48))
+    h = keras.layers.Dense(48, activation="tanh", dtype="mixed_bfloat16")(inputs)
+    h = keras.layers.Dense(48, dtype="mixed_bfloat16")(h)
+    out = keras.layers.Dense(3, dtype="float32")(keras.layers.GlobalAveragePooling1D(dtype="float32")(h))
+    model = tan_keras.make_private(keras.Model(inputs, out), clipping="ghost")
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 16, 48)).astype("float32")
+    y = rng.integers(0, 3, size=(6,))
+    per_example = [[np.asarray(g, np.float64) for g in grads]
+                   for grads in tan_keras.per_example.loop_per_example_gradients(model, x, y)]
+    norms = np.array([np.sqrt(sum(np.sum(np.square(g)) for g in grads)) for grads in per_example])
+    l2_norm_clip = float(np.median(norms))
+    factors = np.minimum(1.0, l2_norm_clip / (1.0 + bookkeeping.ROUNDING_MARGIN) / norms)
+    got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(model, x, y, l2_norm_clip)
+    got = np.concatenate([np.ravel(np.asarray(ops.cast(g, "float32"), np.float64)) for g in got_sum])
+    want = sum(f * np.concatenate([np.ravel(g) for g in grads]) for f, grads in zip(factors, per_example))
+    # bf16 sums: 2.4% apart (the bias gradients' rounding); any one example halved: 17-21% apart here.
+    assert np.linalg.norm(got - want) < 0.08 * np.linalg.norm(want)

@@ -7,9 +7,12 @@ From the calls recorded by ``capture.capture`` and their output gradients
     Σ_i c_i ∇_W ℓ_i = (∂z/∂W)ᵀ (c ⊙ g)        (Bu et al., ICML'23)
 
 (details in ``norms_and_clipped_sum``). The backends supply the layer's
-vector-Jacobian product.
+vector-Jacobian product. Where that cotangent is rounded to 16 bits, the
+factors are checked against what will be added and halved where needed
+(``_backed_off_factors``).
 """
 
+import keras
 from keras import ops
 
 from tan_keras import clipping
@@ -55,6 +58,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
     """
     views = getattr(model, "views_per_example", 1)
     sq_norms = ops.zeros_like(like, dtype="float32")
+    scaled_exactly = sq_norms  # the part whose clipped contribution is c_i times the one measured (see below)
     explicit = []
     with example_rows(views):
         for call, g in zip(calls, output_grads):
@@ -65,13 +69,21 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                 term = rule.sq_norms(call.layer, call.inputs, g)
                 _check_per_example(term, like, call, "norms")
                 sq_norms = sq_norms + term
+                if not _rounds_cotangent(g):
+                    scaled_exactly = scaled_exactly + term
             else:
                 for v, grads in pairs:
                     _check_per_example(grads, like, call, f"gradients of '{v.path}'")
                     sq_norms = sq_norms + per_example_sum_sq(grads)
+                    scaled_exactly = scaled_exactly + per_example_sum_sq(grads)
     # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
     norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
-    factors = clipping.clip_factors(norms, l2_norm_clip)  # 0 for a non-finite norm
+    rounded = [i for i, (g, pairs) in enumerate(zip(output_grads, explicit)) if pairs is None and _rounds_cotangent(g)]
+    if rounded:
+        factors = _backed_off_factors(model, calls, output_grads, rounded, norms, scaled_exactly, l2_norm_clip,
+                                      views)
+    else:
+        factors = clipping.clip_factors(norms, l2_norm_clip)  # 0 for a non-finite norm
     all_finite = ops.all(factors != 0)
     # One factor per row of the layers' batches: an example's K views share its factor.
     row_factors = factors if views == 1 else ops.repeat(factors, views, axis=0)
@@ -104,6 +116,62 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
     # H200 (WRN-16-4, B = 1,024, fp32) one per layer cost 2.6 ms of a 30.3 ms step, this one 0.9 ms of 28.8.
     grads = ops.cond(all_finite, lambda: clipped_sum(False), lambda: clipped_sum(True))
     return grads, norms
+
+
+ROUNDING_MARGIN = 2.0**-7
+
+
+def _rounds_cotangent(g):
+    """Whether a ghost-form layer's clipped contribution comes from a rounded cotangent: ``c ⊙ g`` in 16 bits."""
+    return keras.backend.standardize_dtype(g.dtype) in ("bfloat16", "float16")
+
+
+def _backed_off_factors(model, calls, output_grads, rounded, norms, scaled_exactly, l2_norm_clip, views):
+    """Clip factors for a step in which some ghost-form layers get their cotangent ``c ⊙ g`` rounded to 16 bits.
+
+    Book-keeping gives a ghost-form layer's share of the clipped sum as its
+    weight gradient at the cotangent ``ĝ_i = round(c_i g_i)`` (the layer's
+    compute dtype, bf16 under ``mixed_bfloat16``). Rounding is elementwise,
+    but the contribution ``a_iᵀ ĝ_i`` sums over positions: where ``a_iᵀ g_i``
+    cancels, the rounding errors need not, and ``‖a_iᵀ ĝ_i‖`` can exceed
+    ``c_i ‖a_iᵀ g_i‖`` by far more than one rounding (a 64-position Dense
+    input with alternating output gradients reaches 1.34·C,
+    ``tests/test_ghost_clipping.py``). So the step measures what it will add:
+
+        n̂_i² = c_i² Σ_exact ‖∇_l ℓ_i‖² + Σ_rounded ‖a_iᵀ ĝ_i‖²
+
+    (the second sum by the same rules, on ``ĝ``), and halves ``c_i`` until
+    ``n̂_i ≤ C``. Halving is exact: ``round(2⁻ʲ c ⊙ g) = 2⁻ʲ round(c ⊙ g)`` in
+    binary floating point, so the contribution is exactly ``2⁻ʲ`` times the
+    one measured, and every layer's share (explicit per-example gradients
+    ``c_i G_i`` too) shrinks by the same ``2⁻ʲ``. The factors start from
+    ``C / (1 + 2⁻⁷)`` (``ROUNDING_MARGIN``), so that an ordinary rounding
+    (about 2⁻⁹ of the norm) does not halve an example: the bound holds with
+    clip norm C, and clipped examples come out at most 0.8% shorter than C.
+    ``n̂`` is computed as the norms are (fp32 sums of exact products of the
+    same 16-bit values), so the bound holds to that accuracy.
+    """
+    factors = clipping.clip_factors(norms, l2_norm_clip / (1.0 + ROUNDING_MARGIN))
+    measured = contribution_norms(calls, output_grads, rounded, factors, scaled_exactly, views)
+    clip = ops.cast(l2_norm_clip, "float32")
+    halvings = ops.ceil(ops.log2(ops.maximum(measured / clip, 1.0)))
+    back_off = ops.power(2.0, -halvings)
+    back_off = ops.where(back_off * measured > clip, back_off * 0.5, back_off)  # log2's last-bit rounding
+    back_off = ops.where(ops.isfinite(measured), back_off, ops.ones_like(back_off))  # factor 0 stays 0
+    return factors * back_off
+
+
+def contribution_norms(calls, output_grads, rounded, factors, scaled_exactly, views):
+    """``n̂_i``: the norm of example i's clipped contribution with factors ``c``, the ``rounded`` calls at
+    ``round(c ⊙ g)`` (their rules' norms at that cotangent), the others ``c_i`` times ``√scaled_exactly``."""
+    row_factors = factors if views == 1 else ops.repeat(factors, views, axis=0)
+    measured = ops.square(factors) * scaled_exactly
+    with example_rows(views):
+        for i in rounded:
+            call, g = calls[i], output_grads[i]
+            cotangent = g * ops.reshape(ops.cast(row_factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+            measured = measured + call.rule.sq_norms(call.layer, call.inputs, cotangent)
+    return ops.sqrt(ops.maximum(measured, 0.0))
 
 
 def _check_per_example(value, like, call, what):
