@@ -360,3 +360,28 @@ def test_bf16_book_keeping_clips_ordinary_examples_to_the_margin_reduced_norm_wi
     want = sum(f * np.concatenate([np.ravel(g) for g in grads]) for f, grads in zip(factors, per_example))
     # bf16 sums: 2.4% apart (the bias gradients' rounding); any one example halved: 17-21% apart here.
     assert np.linalg.norm(got - want) < 0.08 * np.linalg.norm(want)
+
+
+def test_bf16_ghost_form_share_of_the_clipped_sum_is_the_float32_sum_of_exact_products():
+    """A bf16 ghost-form layer's weight gradient summed over the batch comes back float32-accurate (the
+    book-keeping VJP runs in float32 on the same bf16 values), not rounded to bf16 (~2e-3) after the sum."""
+    import ml_dtypes
+    from keras import ops
+
+    from tan_keras.ghost import registry
+
+    positions, width, batch = 16, 48, 4
+    assert registry.use_ghost(positions, width, width)
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(positions, width)).astype(bf16).astype("float32")  # ∂ℓ/∂z, exact in bf16
+    x = rng.normal(size=(batch, positions, width)).astype(bf16).astype("float32")
+    inputs = keras.Input((positions, width))
+    z = keras.layers.Dense(width, use_bias=False, dtype="mixed_bfloat16")(inputs)
+    model = tan_keras.make_private(keras.Model(inputs, _Readout(u, dtype="mixed_bfloat16")(z)), clipping="ghost")
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                  loss=lambda y_true, y_pred: y_pred[:, 0])
+    got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(model, x, np.zeros((batch, 1)), 1e9)  # no clipping
+    want = np.einsum("btd,tp->dp", x.astype(np.float64), u.astype(np.float64))
+    got = np.asarray(ops.cast(got_sum[0], "float32"), np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -22,6 +22,7 @@ applied afterwards, so the recorded ``z`` is the pre-activation output.
 import contextlib
 import dataclasses
 
+import keras
 from keras import ops
 
 from tan_keras import clipping
@@ -74,11 +75,32 @@ def pre_activation_output(call):
     """Runs a captured call again: ``z`` as a function of the layer's *current* variable values.
 
     The backends differentiate it w.r.t. the layer's own weights, with the
-    cotangent ``c ⊙ g`` (see ``norms_and_clipped_sum``).
+    cotangent ``c ⊙ g`` (see ``norms_and_clipped_sum``). A layer that
+    computes in 16 bits (``mixed_bfloat16``) runs here in float32 on the same
+    16-bit values (its inputs are cast up, exactly): its weight gradient, the
+    layer's share of the batch's clipped sum, then comes back in float32 with
+    exact products, instead of rounded to 16 bits after the sum over the
+    batch. (bf16 values are exact in TF32 too, so a GPU's TF32 matmul
+    multiplies them exactly.)
     """
-    with _activation_off(call.layer, call.rule):
+    with _activation_off(call.layer, call.rule), _float32_compute(call.layer):
         # Through ``__call__``: it sets the layer's autocast scope (mixed precision) as the forward pass did.
         return call.layer(*call.args, **call.kwargs)
+
+
+@contextlib.contextmanager
+def _float32_compute(layer):
+    """While active, a 16-bit-compute layer (and its sublayers) computes in float32, on the same values."""
+    changed = []
+    for sub in layer._flatten_layers(include_self=True):
+        if sub.compute_dtype in ("bfloat16", "float16"):
+            changed.append((sub, sub.dtype_policy))
+            sub.dtype_policy = keras.DTypePolicy("float32")
+    try:
+        yield
+    finally:
+        for sub, policy in reversed(changed):
+            sub.dtype_policy = policy
 
 
 _ACTIVE_CALLS = []  # the watched layers whose call is running, innermost last
