@@ -80,8 +80,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
     norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
     rounded = [i for i, (g, pairs) in enumerate(zip(output_grads, explicit)) if pairs is None and _rounds_cotangent(g)]
     if rounded:
-        factors = _backed_off_factors(model, calls, output_grads, rounded, norms, scaled_exactly, l2_norm_clip,
-                                      views)
+        factors = _backed_off_factors(calls, output_grads, rounded, norms, scaled_exactly, l2_norm_clip, views)
     else:
         factors = clipping.clip_factors(norms, l2_norm_clip)  # 0 for a non-finite norm
     all_finite = ops.all(factors != 0)
@@ -103,7 +102,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                 done.add(id(v))
             rest = [v for v in own if id(v) not in done]
             if rest:
-                cotangent = g * ops.reshape(ops.cast(row_factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+                cotangent = scaled_cotangent(g, row_factors)
                 if drop:
                     call, cotangent = _drop_examples(call, keep), clipping.zero_rows(cotangent, keep)
                 for v, grad in zip(rest, layer_vjp(call, rest, cotangent)):
@@ -126,7 +125,7 @@ def _rounds_cotangent(g):
     return keras.backend.standardize_dtype(g.dtype) in ("bfloat16", "float16")
 
 
-def _backed_off_factors(model, calls, output_grads, rounded, norms, scaled_exactly, l2_norm_clip, views):
+def _backed_off_factors(calls, output_grads, rounded, norms, scaled_exactly, l2_norm_clip, views):
     """Clip factors for a step in which some ghost-form layers get their cotangent ``c ⊙ g`` rounded to 16 bits.
 
     Book-keeping gives a ghost-form layer's share of the clipped sum as its
@@ -135,7 +134,7 @@ def _backed_off_factors(model, calls, output_grads, rounded, norms, scaled_exact
     but the contribution ``a_iᵀ ĝ_i`` sums over positions: where ``a_iᵀ g_i``
     cancels, the rounding errors need not, and ``‖a_iᵀ ĝ_i‖`` can exceed
     ``c_i ‖a_iᵀ g_i‖`` by far more than one rounding (a 64-position Dense
-    input with alternating output gradients reaches 1.34·C,
+    input with alternating output gradients reaches 1.33·C,
     ``tests/test_ghost_clipping.py``). So the step measures what it will add:
 
         n̂_i² = c_i² Σ_exact ‖∇_l ℓ_i‖² + Σ_rounded ‖a_iᵀ ĝ_i‖²
@@ -161,6 +160,11 @@ def _backed_off_factors(model, calls, output_grads, rounded, norms, scaled_exact
     return factors * back_off
 
 
+def scaled_cotangent(g, row_factors):
+    """``c ⊙ g`` in ``g``'s dtype: the cotangent of book-keeping, and the one ``contribution_norms`` measures."""
+    return g * ops.reshape(ops.cast(row_factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
+
+
 def contribution_norms(calls, output_grads, rounded, factors, scaled_exactly, views):
     """``n̂_i``: the norm of example i's clipped contribution with factors ``c``, the ``rounded`` calls at
     ``round(c ⊙ g)`` (their rules' norms at that cotangent), the others ``c_i`` times ``√scaled_exactly``."""
@@ -169,8 +173,7 @@ def contribution_norms(calls, output_grads, rounded, factors, scaled_exactly, vi
     with example_rows(views):
         for i in rounded:
             call, g = calls[i], output_grads[i]
-            cotangent = g * ops.reshape(ops.cast(row_factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
-            measured = measured + call.rule.sq_norms(call.layer, call.inputs, cotangent)
+            measured = measured + call.rule.sq_norms(call.layer, call.inputs, scaled_cotangent(g, row_factors))
     return ops.sqrt(ops.maximum(measured, 0.0))
 
 
