@@ -19,6 +19,8 @@ repeated host batch (or of a ``train_on_batch`` loop). Each subprocess
 reports examples/s and its peak memory (device peak on GPU via JAX's
 ``memory_stats``, else the process's max RSS), so modes don't share a peak.
 The table ends with the DP/non-private ratios measured in this one run.
+``--rounds=R`` runs the modes R times, interleaved, and reports each mode's
+median round (``median_round``), every round's throughput in the JSON.
 """
 
 import json
@@ -42,6 +44,9 @@ flags.DEFINE_integer("augmult", 0, "K > 0: DP modes average K on-device augmenta
 flags.DEFINE_integer("steps", 10, "Timed steps per mode.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps (compilation) per mode.")
 flags.DEFINE_list("modes", ["nonprivate", "vectorized", "ghost"], "Modes to run.")
+flags.DEFINE_integer("rounds", 1, "Runs of the modes, interleaved (nonprivate, ghost, nonprivate, ghost, ...); "
+                     "each mode reports its median round. On a GPU whose speed drifts within a session (an H200 "
+                     "ran the same step 5.8% faster in a later run), the ratio of medians is the steadier one.")
 flags.DEFINE_string("mode", None, "Internal: run one mode in this process and print JSON.")
 flags.DEFINE_enum("norm_mode", "auto", ["auto", "ghost", "explicit"],
                   "Ghost mode only: per-layer choice of ghost norm vs explicit per-example gradient "
@@ -125,6 +130,19 @@ def run_mode(mode):
     }
 
 
+def median_round(rounds):
+    """One mode's result from its rounds: the round of median throughput (the lower one of an even count),
+    with every round's ``examples_per_s`` beside it; a skipped mode as it came."""
+    timed = [r for r in rounds if "examples_per_s" in r]
+    if not timed:
+        return rounds[0]
+    ordered = sorted(timed, key=lambda r: r["examples_per_s"])
+    result = dict(ordered[(len(ordered) - 1) // 2])
+    if len(rounds) > 1:
+        result["rounds_examples_per_s"] = [r["examples_per_s"] for r in timed]
+    return result
+
+
 def main(argv):
     del argv
     if FLAGS.mode:
@@ -140,13 +158,18 @@ def main(argv):
         passthrough.append(f"--image_size={FLAGS.image_size}")
     if FLAGS.mixed_precision:
         passthrough.append("--mixed_precision")
-    for mode in FLAGS.modes:
-        proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--mode={mode}", *passthrough],
-                              capture_output=True, text=True, env=os.environ.copy())
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+    if FLAGS.rounds < 1:
+        raise app.UsageError(f"--rounds={FLAGS.rounds}: give 1 or more.")
+    runs = {mode: [] for mode in FLAGS.modes}
+    for _ in range(FLAGS.rounds):
+        for mode in FLAGS.modes:
+            proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", f"--mode={mode}", *passthrough],
+                                  capture_output=True, text=True, env=os.environ.copy())
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                raise RuntimeError(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
+            runs[mode].append(json.loads(lines[-1][len("RESULT "):]))
+    results = [median_round(runs[mode]) for mode in FLAGS.modes]
     base = next((r for r in results if r["mode"] == "nonprivate" and "examples_per_s" in r), None)
     backend = next((r["backend"] for r in results if "backend" in r), "?")
     device = next((r["device"] for r in results if "device" in r), "?")

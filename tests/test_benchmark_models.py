@@ -167,3 +167,17 @@ def test_conv_kernel_benchmark_reports_every_method_with_float32_accurate_result
                                                "fused 16:16:0:4:3"]
     assert all(r["ms"] is not None for r in rows)
     assert all(r["err_vs_f64"] < 1e-5 for r in rows if r["method"] != "cudnn summed wgrad")
+
+
+def test_benchmark_rounds_report_each_modes_median_round_and_keep_every_round():
+    """``--rounds``: a mode's result is its median-throughput round (the lower middle of an even count), as
+    measured, with all rounds' throughputs beside it; one round stays as it was; a skipped mode passes through."""
+    from experiments.benchmark import median_round
+
+    rounds = [dict(mode="ghost", examples_per_s=v, step_ms=1000 / v) for v in (30.0, 10.0, 20.0)]
+    got = median_round(rounds)
+    assert got["examples_per_s"] == 20.0 and got["step_ms"] == 50.0
+    assert got["rounds_examples_per_s"] == [30.0, 10.0, 20.0]
+    assert median_round(rounds[:2])["examples_per_s"] == 10.0
+    assert median_round(rounds[:1]) == rounds[0]
+    assert median_round([dict(mode="ghost", skipped="no rule")]) == dict(mode="ghost", skipped="no rule")
