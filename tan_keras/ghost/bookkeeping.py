@@ -59,9 +59,9 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
     views = getattr(model, "views_per_example", 1)
     sq_norms = ops.zeros_like(like, dtype="float32")
     scaled_exactly = sq_norms  # the part whose clipped contribution is c_i times the one measured (see below)
-    explicit = []
+    explicit, rounded = [], []  # per call: its per-example gradients or None; the calls of rounded cotangents
     with example_rows(views):
-        for call, g in zip(calls, output_grads):
+        for index, (call, g) in enumerate(zip(calls, output_grads)):
             rule = call.rule
             pairs = rule.per_example_grads(call.layer, call.inputs, g) if rule.per_example_grads else None
             explicit.append(pairs)
@@ -69,23 +69,23 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                 term = rule.sq_norms(call.layer, call.inputs, g)
                 _check_per_example(term, like, call, "norms")
                 sq_norms = sq_norms + term
-                if not _rounds_cotangent(g):
+                if _rounds_cotangent(g):
+                    rounded.append(index)
+                else:
                     scaled_exactly = scaled_exactly + term
             else:
                 for v, grads in pairs:
                     _check_per_example(grads, like, call, f"gradients of '{v.path}'")
-                    sq_norms = sq_norms + per_example_sum_sq(grads)
-                    scaled_exactly = scaled_exactly + per_example_sum_sq(grads)
+                    term = per_example_sum_sq(grads)
+                    sq_norms, scaled_exactly = sq_norms + term, scaled_exactly + term
     # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
     norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
-    rounded = [i for i, (g, pairs) in enumerate(zip(output_grads, explicit)) if pairs is None and _rounds_cotangent(g)]
     if rounded:
         factors = _backed_off_factors(calls, output_grads, rounded, norms, scaled_exactly, l2_norm_clip, views)
     else:
         factors = clipping.clip_factors(norms, l2_norm_clip)  # 0 for a non-finite norm
     all_finite = ops.all(factors != 0)
-    # One factor per row of the layers' batches: an example's K views share its factor.
-    row_factors = factors if views == 1 else ops.repeat(factors, views, axis=0)
+    row_factors = _row_factors(factors, views)
     keep = row_factors != 0
 
     variables = model.trainable_variables
@@ -160,6 +160,11 @@ def _backed_off_factors(calls, output_grads, rounded, norms, scaled_exactly, l2_
     return factors * back_off
 
 
+def _row_factors(factors, views):
+    """One factor per row of the layers' batches: an example's K views (AugMult) share its factor."""
+    return factors if views == 1 else ops.repeat(factors, views, axis=0)
+
+
 def scaled_cotangent(g, row_factors):
     """``c ⊙ g`` in ``g``'s dtype: the cotangent of book-keeping, and the one ``contribution_norms`` measures."""
     return g * ops.reshape(ops.cast(row_factors, g.dtype), (-1,) + (1,) * (len(g.shape) - 1))
@@ -168,7 +173,7 @@ def scaled_cotangent(g, row_factors):
 def contribution_norms(calls, output_grads, rounded, factors, scaled_exactly, views):
     """``n̂_i``: the norm of example i's clipped contribution with factors ``c``, the ``rounded`` calls at
     ``round(c ⊙ g)`` (their rules' norms at that cotangent), the others ``c_i`` times ``√scaled_exactly``."""
-    row_factors = factors if views == 1 else ops.repeat(factors, views, axis=0)
+    row_factors = _row_factors(factors, views)
     measured = ops.square(factors) * scaled_exactly
     with example_rows(views):
         for i in rounded:

@@ -143,7 +143,6 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     # (a·d_h − pad_top)·W + b·d_w − pad_left, so its pixels are one contiguous slice of the flat input,
     # zero-padded before and after (rows outside the image read zeros; columns outside it are masked).
     # Otherwise each pixel's index is computed and gathered.
-    front = 0
     if (sh, sw) == (1, 1) and out_w == width:
         front = pads[0][0] * width + pads[1][0]
         last_shift = ((kh - 1) * dh - pads[0][0]) * width + (kw - 1) * dw - pads[1][0]
@@ -155,7 +154,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     kernel = functools.partial(
         _kernel, views=views, num_t=num_t, time_block=time_block, bc=bc, bp=bp, kw=kw, per_program=per_program,
         layout=layout,
-        geometry=(height, width, out_w, positions, strides, dilation_rate, pads[0][0], pads[1][0], front),
+        geometry=(height, width, out_w, positions, strides, dilation_rate, pads[0][0], pads[1][0]),
         precision=_precision(x.dtype))
     call_kwargs = {}
     if mode == "interpret":
@@ -189,15 +188,16 @@ def _kernel(x_ref, g_ref, out_ref, *, views, num_t, time_block, bc, bp, kw, per_
     A step takes ``time_block`` consecutive output positions ``t = (h, w)``;
     offset ``(a, b)`` reads input pixel ``(h·s_h + a·d_h − pad_top,
     w·s_w + b·d_w − pad_left)`` of each, or 0 where that pixel is padding.
-    ``layout`` "shift": one slice of the flat input, which holds ``front``
-    zeros before it (padding rows), columns outside the image masked;
+    ``layout`` "shift": one slice of the flat input, which holds
+    ``pad_top·W + pad_left`` zeros before it, so the slice of offset (a, b)
+    starts at ``t0 + a·d_h·W + b·d_w``; columns outside the image masked;
     "gather": each pixel's index computed, clamped to a valid one where it is
     padding, and its value masked. Positions past the last are masked in ``g``.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    height, width, out_w, positions, (sh, sw), (dh, dw), pad_top, pad_left, front = geometry
+    height, width, out_w, positions, (sh, sw), (dh, dw), pad_top, pad_left = geometry
     i, j, c, p = (pl.program_id(axis) for axis in range(4))
     # lax.div / lax.rem of non-negative int32s: the Pallas Triton lowering rejects the sign-corrected forms
     # that Python's ``//`` and ``%`` become (an i1/i32 type mismatch in its ``rem`` rule).
@@ -225,7 +225,7 @@ def _kernel(x_ref, g_ref, out_ref, *, views, num_t, time_block, bc, bp, kw, per_
         for (a, b), acc in zip(offsets, accs):
             wi = w * sw + b * dw - pad_left
             if layout == "shift":  # a masked load: Triton still copies the tile to shared memory asynchronously
-                start = t0 + front + (a * dh - pad_top) * width + b * dw - pad_left
+                start = t0 + a * dh * width + b * dw
                 inside = (wi >= 0) & (wi < width)
                 a_tile = plgpu.load(x_ref.at[row, pl.ds(start, time_block), pl.ds(c * bc, bc)],
                                     mask=inside[:, None], other=0)
