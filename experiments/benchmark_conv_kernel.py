@@ -15,7 +15,8 @@ empty jitted call):
 * ``fused ...``: ``fused_conv_per_example_grads`` with each ``--configs``
   tiling ``time_block:block:rows:num_warps:num_stages``.
 
-``err_vs_f64`` is each per-example result's largest error on example 0
+``sum_sq_err``: the kernel's own square sum of example 0 against that of
+the gradients it returned (relative). ``err_vs_f64`` is each per-example result's largest error on example 0
 against float64 numpy on the same (rounded) values, relative to its largest
 entry: XLA's default fp32 matmuls are TF32 on an H200 (about 3e-4), bf16
 operands give float32-accurate sums (about 1e-6). ``--interpret`` runs the
@@ -109,14 +110,18 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
                 fn = jax.jit(fn)
                 out = fn(x, g)
                 if out is None:  # the kernel declined this layer (see conv_grads)
-                    rows.append(dict(shape=shape, dtype=dtype, method=name, ms=None, err_vs_f64=None))
+                    rows.append(dict(shape=shape, dtype=dtype, method=name, ms=None, err_vs_f64=None, sum_sq_err=None))
                     continue
-                err = None
+                err = sq_err = None
                 if name != "cudnn summed wgrad":
-                    got = np.asarray(out[0], np.float64).reshape(want.shape)
+                    grads, sum_sq = out if isinstance(out, tuple) else (out, None)
+                    got = np.asarray(grads[0], np.float64).reshape(want.shape)
                     err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+                    if sum_sq is not None:  # the kernel's own square sum, against that of its gradients
+                        sq_err = float(abs(float(sum_sq[0]) / np.sum(np.square(got)) - 1.0))
                 ms = median_ms(fn, x, g, repeats=repeats) - launch
-                rows.append(dict(shape=shape, dtype=dtype, method=name, ms=round(ms, 3), err_vs_f64=err))
+                rows.append(dict(shape=shape, dtype=dtype, method=name, ms=round(ms, 3), err_vs_f64=err,
+                                 sum_sq_err=sq_err))
     return rows
 
 
@@ -133,6 +138,8 @@ def main(argv):
     for r in rows:
         ms = "declined" if r["ms"] is None else f"{r['ms']:8.3f} ms"
         err = "" if r["err_vs_f64"] is None else f"err {r['err_vs_f64']:.1e}"
+        if r["sum_sq_err"] is not None:
+            err += f"  sum_sq err {r['sum_sq_err']:.1e}"
         print(f"{r['shape']:>11s} {r['dtype']:9s} {r['method']:22s} {ms:>11s}  {err}")
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:

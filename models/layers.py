@@ -260,8 +260,8 @@ def scaled_ws_conv_per_example_grads(layer, inputs, output_grad):
         return None
     u, scale = _ws_standardized(layer)
     # Both operands in the compute dtype (bf16 under mixed precision: products exact, sums float32).
-    _, plain = per_example(layer.kernel, conv_per_example_grads(
-        inputs, ops.cast(output_grad, inputs.dtype), layer.kernel_size, layer.strides, layer.padding, (1, 1)))
+    _, plain = per_example(layer.kernel, _f32(conv_per_example_grads(
+        inputs, ops.cast(output_grad, inputs.dtype), layer.kernel_size, layer.strides, layer.padding, (1, 1))))
     alpha = ops.sum(plain * u, axis=(1, 2, 3))  # (B, filters)
     pairs = []
     if layer.kernel.trainable:

@@ -13,6 +13,7 @@ so the sum ``Σ_i clip_C(∇ℓ_i)`` has L2 sensitivity C under add/remove-one.
 
 import math
 
+import keras
 from keras import ops
 
 
@@ -72,12 +73,22 @@ def weighted_sum(per_unit_grads, weights, drop=None):
     chunk; the ghost strategy branches once per chunk around all its layers,
     ``ghost.bookkeeping``). ``drop=True`` / ``False`` takes that path without
     the branch (for a caller that has branched already).
+
+    16-bit ``g_i`` (a fused kernel's per-example gradients of a bf16 layer)
+    are summed in float32 with float32 weights: ``w_i`` is not rounded, and the
+    sum is in float32, of the same 16-bit values the norms squared.
     """
     keep = weights != 0
 
+    def one(g, drop):
+        g = zero_rows(g, keep) if drop else g
+        if keras.backend.standardize_dtype(g.dtype) in ("bfloat16", "float16"):
+            w = ops.reshape(ops.cast(weights, "float32"), (-1,) + (1,) * (len(g.shape) - 1))
+            return ops.sum(w * ops.cast(g, "float32"), axis=0)
+        return ops.tensordot(ops.cast(weights, g.dtype), g, axes=1)
+
     def summed(drop):
-        return [ops.tensordot(ops.cast(weights, g.dtype), zero_rows(g, keep) if drop else g, axes=1)
-                for g in per_unit_grads]
+        return [one(g, drop) for g in per_unit_grads]
 
     if drop is not None:
         return summed(drop)

@@ -52,6 +52,8 @@ GEOMETRIES = [  # (rows n·K, spatial, C, P, kernel, strides, padding, dilation,
     ((4, (7, 9), 16, 32, (3, 3), (2, 1), "valid", (1, 1), 2)),
     ((2, (11,), 16, 16, (4,), (3,), "same", (1,), 1)),
     ((1, (17, 17), 16, 16, (3, 3), (1, 1), "same", (1, 1), 1)),  # 289 positions: steps of 32, the last ragged
+    ((2, (6, 6), 3, 16, (3, 3), (1, 1), "same", (1, 1), 1)),  # an RGB stem: channels zero-padded to 16
+    ((2, (7, 6), 3, 10, (3, 3), (2, 2), "same", (1, 1), 2)),  # and filters padded too, strided
 ]
 
 
@@ -67,15 +69,20 @@ def test_fused_kernel_equals_a_one_example_loop_of_the_conv_vjp(rows, spatial, c
     x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), jnp.float32)
     out_shape = _conv(x, jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation, strides).shape
     g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
-    got = fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
-    assert got is not None and got.dtype == jnp.float32
+    got, got_sq = fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
+    assert got.dtype == jnp.float32 and got_sq.dtype == jnp.float32
     want = _loop_kernel_grads(x, g, kernel_size, strides, padding, dilation, views)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # The square sums the kernel adds up from its own tiles are those of the loop's gradients.
+    np.testing.assert_allclose(np.asarray(got_sq, np.float64), np.sum(np.square(want), axis=(1, 2)), rtol=1e-5)
 
 
-def test_fused_kernel_multiplies_bf16_operands_exactly_and_sums_in_float32(monkeypatch):
-    """bf16 inputs: equal to float64 numpy on the same bf16 values to float32 accuracy (a bf16 sum is ~1e-3 off)."""
+def test_fused_kernel_sums_bf16_products_in_float32_and_stores_them_rounded_once(monkeypatch):
+    """bf16 inputs: each stored gradient is the float64 sum of the same bf16 values rounded to bf16 (within one
+    ulp where the float32 sum sits at a rounding boundary; a bf16-accumulated sum is many ulps off), and the
+    square sum that comes with them is that of the stored values (what the clipped sum adds)."""
     import jax.numpy as jnp
+    import ml_dtypes
 
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
@@ -83,16 +90,22 @@ def test_fused_kernel_multiplies_bf16_operands_exactly_and_sums_in_float32(monke
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
     g = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
-    got = np.asarray(fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)), np.float64)
+    grads, sum_sq = fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1))
+    assert grads.dtype == jnp.bfloat16 and sum_sq.dtype == jnp.float32
+    got = np.asarray(grads, np.float64)
     x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
     padded = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
     want = np.stack([np.einsum("bhwc,bhwp->bcp", padded[:, a:a + 8, b:b + 8], g64)
                      for a in range(3) for b in range(3)], axis=1).reshape(2, -1, 16)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    rounded = want.astype(ml_dtypes.bfloat16).astype(np.float64)
+    ulp = np.abs(rounded) * 2.0**-7
+    assert np.all(np.abs(got - rounded) <= ulp + 1e-30)
+    assert np.mean(got == rounded) > 0.99
+    np.testing.assert_allclose(np.asarray(sum_sq, np.float64), np.sum(np.square(got), axis=(1, 2)), rtol=1e-6)
 
 
 def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
-    """None (the caller forms the patches) off a GPU, for narrow channels, wide fp32 layers, huge tensors."""
+    """None (the caller forms the patches) off a GPU, for mismatched shapes, wide fp32 layers, huge tensors."""
     import jax
     import jax.numpy as jnp
 
@@ -102,7 +115,9 @@ def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
     assert fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
     assert fused_conv_per_example_grads(x, g[:, ::2], (3, 3), (1, 1), "same", (1, 1)) is None  # g of another shape
-    assert fused_conv_per_example_grads(x[..., :8], g, (3, 3), (1, 1), "same", (1, 1)) is None
+    assert fused_conv_per_example_grads(x, g.astype("bfloat16"), (3, 3), (1, 1), "same", (1, 1)) is None
+    assert fused_conv_per_example_grads(jnp.zeros((2, 8, 8, 56)), g, (3, 3), (1, 1), "same", (1, 1)) is not None
+    assert fused_conv_per_example_grads(jnp.zeros((2, 8, 8, 72)), g, (3, 3), (1, 1), "same", (1, 1)) is None  # → 80
     wide = jnp.zeros((2, 8, 8, 128))
     assert fused_conv_per_example_grads(wide, wide, (3, 3), (1, 1), "same", (1, 1)) is None
     assert fused_conv_per_example_grads(wide.astype("bfloat16"), wide.astype("bfloat16"), (3, 3), (1, 1), "same",

@@ -113,6 +113,18 @@ def test_ghost_norms_and_clipped_sum_equal_vectorized(model_fn, mode):
     assert_ghost_matches_vectorized(model, x, y, w, mode)
 
 
+def test_weighted_sum_of_bf16_per_example_grads_uses_float32_weights_and_sum():
+    """16-bit per-example gradients (the fused kernel's under mixed_bfloat16): the clip factors are not rounded to
+    bf16 and the sum is float32: against float64 on the same bf16 values (bf16 factors would be ~1e-3 off)."""
+    rng = np.random.default_rng(0)
+    grads = keras.ops.cast(rng.normal(size=(64, 5, 7)), "bfloat16")
+    factors = rng.uniform(0.1, 1.0, size=(64,)).astype("float32")
+    got = np.asarray(clipping.weighted_sum([grads], keras.ops.convert_to_tensor(factors))[0], np.float64)
+    want = np.einsum("b,bij->ij", factors.astype(np.float64), np.asarray(keras.ops.cast(grads, "float32"), np.float64))
+    assert keras.backend.standardize_dtype(clipping.weighted_sum([grads], factors)[0].dtype) == "float32"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def benchmark_cnn():
     """``experiments/benchmark.py``'s CNN: strided Conv2D + GroupNorm, twice, then two Dense."""
     from experiments import benchmark

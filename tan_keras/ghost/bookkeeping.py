@@ -17,7 +17,7 @@ from keras import ops
 
 from tan_keras import clipping
 from tan_keras.ghost.capture import _drop_examples
-from tan_keras.ghost.norms import example_rows, per_example_sum_sq
+from tan_keras.ghost.norms import entry_sum_sq, example_rows
 from tan_keras.ghost.registry import _own_trainable_variables
 
 
@@ -74,9 +74,10 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                 else:
                     scaled_exactly = scaled_exactly + term
             else:
-                for v, grads in pairs:
+                for entry in pairs:
+                    v, grads = entry[:2]
                     _check_per_example(grads, like, call, f"gradients of '{v.path}'")
-                    term = per_example_sum_sq(grads)
+                    term = entry_sum_sq(entry)
                     sq_norms, scaled_exactly = sq_norms + term, scaled_exactly + term
     # max(., 0): the WS-conv formula subtracts, and can round a zero norm below 0.
     norms = ops.sqrt(ops.maximum(sq_norms, 0.0))
@@ -97,7 +98,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
         for call, g, pairs in zip(calls, output_grads, explicit):
             own = _own_trainable_variables(call.layer, index)
             done = set()
-            for v, grads in pairs or ():
+            for v, grads, *_ in pairs or ():
                 out[index[id(v)]] = ops.cast(clipping.weighted_sum([grads], factors, drop)[0], v.dtype)
                 done.add(id(v))
             rest = [v for v in own if id(v) not in done]

@@ -39,16 +39,17 @@ def _matmul_layer_per_example_grads(kernel, bias, g, in_dim, kernel_grads):
 
     ``g`` is the (B, T, p) output gradient, ``in_dim`` the matmul's input
     width and ``kernel_grads()`` the kernel's (B, in_dim, p) per-example
-    gradients, called only when they are the cheaper form. With one position
-    the ghost norm is a product of two norms and the clipped sum one matmul,
-    so per-example gradients would only cost memory.
+    gradients and their (B,) square sums (or None), called only when they
+    are the cheaper form. With one position the ghost norm is a product of
+    two norms and the clipped sum one matmul, so per-example gradients would
+    only cost memory.
     """
     num_positions, out_dim = g.shape[1], g.shape[2]
     if num_positions == 1 or (_trainable(kernel) and use_ghost(num_positions, in_dim, out_dim)):
         return None
     pairs = []
     if _trainable(kernel):
-        pairs.append(per_example(kernel, kernel_grads()))
+        pairs.append(per_example(kernel, *kernel_grads()))
     if _trainable(bias):
         pairs.append((bias, ops.sum(_f32(g), axis=1)))
     return pairs
@@ -59,7 +60,7 @@ def dense_per_example_grads(layer, inputs, output_grad):
     g = positions(output_grad, layer.units)  # compute dtype: norms.matmul_grad_sq_norms multiplies in float32
     a = positions(inputs, layer.kernel.shape[0])
     return _matmul_layer_per_example_grads(layer.kernel, layer.bias, g, a.shape[2],
-                                           lambda: matmul_per_example_grads(a, g))
+                                           lambda: (matmul_per_example_grads(a, g), None))
 
 
 @register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization,
@@ -185,7 +186,7 @@ def conv_per_example_grads(layer, inputs, output_grad):
     def kernel_grads():
         x, padding = _conv_input(layer, inputs)
         return conv_per_example_grads_of(x, g_spatial, layer.kernel_size, layer.strides, padding,
-                                         layer.dilation_rate)
+                                         layer.dilation_rate, with_sum_sq=True)
 
     return _matmul_layer_per_example_grads(
         layer.kernel, layer.bias if layer.use_bias else None, positions(g_spatial, layer.filters),

@@ -135,8 +135,8 @@ def matmul_per_example_grads(a, g):
     return einsum_f32("btd,btp->bdp", a, g)
 
 
-def conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate):
-    """``(n, k·C, P)`` float32 per-example kernel gradients of a channels-last conv (rows as ``kernel.reshape``).
+def conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, with_sum_sq=False):
+    """``(n, k·C, P)`` per-example kernel gradients of a channels-last conv (rows as ``kernel.reshape``).
 
     ``x`` is the layer input ``(n·K, *spatial, C)`` (causal padding already
     applied, then ``"valid"``) and ``g`` the output gradient
@@ -144,15 +144,21 @@ def conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate):
     conv (JAX on a GPU, a window of more than one offset:
     ``per_example.fused_conv_per_example_grads``) the input patches are never
     formed; elsewhere ``matmul_per_example_grads`` of the ``shifted_inputs``
-    blocks. Both are the float32 sums ``Σ_t patch_tᵀ g_t`` of the same values.
+    blocks. Both are the float32 sums ``Σ_t patch_tᵀ g_t`` of the same values;
+    the kernel stores those of 16-bit operands rounded to their dtype.
+
+    ``with_sum_sq``: return ``(grads, ‖grads_i‖²)`` instead; the fused kernel
+    sums the squares of its own tiles, so the gradients are not read again
+    for the norm (else ``per_example_sum_sq``).
     """
     if math.prod(kernel_size) > 1:
         fused = fused_conv_per_example_grads(x, g, tuple(kernel_size), tuple(strides), padding,
                                              tuple(dilation_rate), views=_ROWS[0])
         if fused is not None:
-            return fused
-    return matmul_per_example_grads(shifted_inputs(x, kernel_size, strides, padding, dilation_rate),
-                                    positions(g, g.shape[-1]))
+            return fused if with_sum_sq else fused[0]
+    grads = matmul_per_example_grads(shifted_inputs(x, kernel_size, strides, padding, dilation_rate),
+                                     positions(g, g.shape[-1]))
+    return (grads, per_example_sum_sq(grads)) if with_sum_sq else grads
 
 
 def sq_norms_from(per_example_grads):
@@ -160,17 +166,24 @@ def sq_norms_from(per_example_grads):
 
     def sq_norms(layer, inputs, output_grad):
         total = ops.zeros((num_examples(output_grad),), "float32")
-        for _, grads in per_example_grads(layer, inputs, output_grad):
-            total = total + per_example_sum_sq(grads)
+        for entry in per_example_grads(layer, inputs, output_grad):
+            total = total + entry_sum_sq(entry)
         return total
 
     sq_norms.__doc__ = per_example_grads.__doc__
     return sq_norms
 
 
-def per_example(variable, grads):
-    """``(variable, grads)`` with ``grads`` reshaped to ``(B, *variable.shape)``."""
-    return variable, ops.reshape(grads, (ops.shape(grads)[0],) + tuple(variable.shape))
+def per_example(variable, grads, sum_sq=None):
+    """``(variable, grads)`` with ``grads`` reshaped to ``(B, *variable.shape)``; ``(variable, grads, sum_sq)``
+    where the (B,) square sums ``‖grads_i‖²`` are already known (``entry_sum_sq``)."""
+    grads = ops.reshape(grads, (ops.shape(grads)[0],) + tuple(variable.shape))
+    return (variable, grads) if sum_sq is None else (variable, grads, sum_sq)
+
+
+def entry_sum_sq(entry):
+    """``‖G_i‖²`` (B,) of a ``per_example_grads`` entry ``(variable, G)`` or ``(variable, G, known square sums)``."""
+    return entry[2] if len(entry) > 2 else per_example_sum_sq(entry[1])
 
 
 def position_sum_sq(g):

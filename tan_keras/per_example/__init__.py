@@ -59,11 +59,13 @@ def einsum_f32(equation, a, b):
 
 
 def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1):
-    """``(n, k·C, P)`` float32 per-example conv kernel gradients from a fused kernel, or None where there is none.
+    """``(grads, sum_sq)`` from a fused kernel, or None where there is none.
 
-    ``x`` (n·K, *spatial, C) and ``g`` (n·K, *spatial_out, P) are channels-last;
-    K = ``views`` rows per example are summed. JAX on a GPU: one Pallas kernel
-    that never forms the input patches (``jax/conv_grads.py``); elsewhere None.
+    ``grads``: ``(n, k·C, P)`` float32 per-example conv kernel gradients;
+    ``sum_sq``: their (n,) square sums. ``x`` (n·K, *spatial, C) and ``g``
+    (n·K, *spatial_out, P) are channels-last; K = ``views`` rows per example
+    are summed. JAX on a GPU: one Pallas kernel that never forms the input
+    patches (``jax/conv_grads.py``); elsewhere None.
     """
     return _backend_module().fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate,
                                                           views=views)
