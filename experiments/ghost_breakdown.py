@@ -53,8 +53,8 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
     import numpy as np
 
     import tan_keras
-    from tan_keras.ghost import (LayerCall, call_inputs, capture, ghost_plan, per_example_sum_sq,
-                                 pre_activation_output)
+    from tan_keras import clipping
+    from tan_keras.ghost import LayerCall, call_inputs, capture, entry_sum_sq, ghost_plan, pre_activation_output
     from tan_keras.ghost.registry import _own_trainable_variables
 
     if keras.backend.backend() != "jax":
@@ -110,20 +110,24 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
                 pairs = rule.per_example_grads(layer, inputs, g) if rule.per_example_grads else None
                 if pairs is None:
                     return rule.sq_norms(layer, inputs, g), None
-                return sum(per_example_sum_sq(p) for _, p in pairs), [p for _, p in pairs]
+                return sum(entry_sum_sq(entry) for entry in pairs), [entry[1] for entry in pairs]
 
         norm_fn = jax.jit(norm_piece)
         _, explicit = norm_fn(arrays, g)
         factors = jnp.asarray(rng.uniform(size=(batch_size,)).astype("float32"))
         if explicit is not None:
             def sum_piece(explicit, factors):
-                return [jnp.tensordot(factors.astype(p.dtype), p, axes=1) for p in explicit]
+                return clipping.weighted_sum(explicit, factors, drop=False)
 
             sum_fn, sum_args = jax.jit(sum_piece), (explicit, factors)
         else:
-            def sum_piece(arrays, g, factors, layer=layer, own=own, rebuilt=rebuilt, call=call):
+            def sum_piece(arrays, g, factors, layer=layer, own=own, rebuilt=rebuilt, call=call, rule=rule):
                 args, kwargs = rebuilt(arrays)
                 cotangent = g * factors.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+                if rule.weight_grads is not None and cotangent.dtype != jnp.float32:  # as book-keeping does
+                    with keras.StatelessScope(state_mapping=mapping):
+                        return [grad for _, grad in rule.weight_grads(layer, call_inputs(layer, args, kwargs),
+                                                                     cotangent)]
 
                 def pre(values):
                     with keras.StatelessScope(state_mapping=mapping + list(zip(own, values))):

@@ -2,8 +2,10 @@
 
     python -m experiments.profile_kernels --steps=5 TRACE.xplane.pb [...]
 
-Reads the trace's GPU plane (the stream with the most kernels) and sums the
-kernels' durations by kind: cuDNN convolutions (forward, input gradient,
+Reads every stream of the trace's GPU plane and sums the kernels' durations
+by kind (a ``cond`` that XLA runs as a CUDA-graph conditional puts its
+branch on a stream of its own: a ghost step's book-keeping is that branch,
+2.1 of WRN-16-4's 14.2 bf16 ms and 3.7 of the ViT's 13.0 fp32 ms on an H200): cuDNN convolutions (forward, input gradient,
 weight gradient), matmuls (cuBLAS, XLA's Triton gemm fusions), tan_keras's
 fused per-example conv-gradient kernel, XLA's concatenate fusions (in a ghost step: the input patches of convolutions'
 per-example gradients), reductions, dtype converts, data movement, other
@@ -49,7 +51,7 @@ def kind(kernel):
 
 
 def summarize(path, steps):
-    """``{kind: ms per step}`` and the busy total, for one ``.xplane.pb``."""
+    """``{kind: ms per step}`` and their total (kernels of all streams, overlaps counted twice), for one ``.xplane.pb``."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
@@ -58,10 +60,10 @@ def summarize(path, steps):
     gpu = next((p for p in space.planes if p.name.startswith("/device:GPU")), None)
     if gpu is None:
         raise SystemExit(f"{path}: no GPU plane in this trace.")
-    line = max(gpu.lines, key=lambda line: len(line.events))
     totals = collections.Counter()
-    for event in line.events:
-        totals[kind(gpu.event_metadata[event.metadata_id].name)] += event.duration_ps
+    for line in gpu.lines:
+        for event in line.events:
+            totals[kind(gpu.event_metadata[event.metadata_id].name)] += event.duration_ps
     per_step = {k: v / 1e9 / steps for k, v in totals.most_common()}
     return {"trace": path, "busy_ms_per_step": sum(per_step.values()), "ms_per_step": per_step}
 

@@ -374,6 +374,38 @@ def test_bf16_book_keeping_clips_ordinary_examples_to_the_margin_reduced_norm_wi
     assert np.linalg.norm(got - want) < 0.08 * np.linalg.norm(want)
 
 
+def test_bf16_ghost_form_conv_share_of_the_clipped_sum_is_the_float32_sum_of_exact_products():
+    """The same for a Conv2D in the ghost form (its rule's one matmul per kernel offset), against float64 numpy:
+    strided, "same" padding, with a bias."""
+    import ml_dtypes
+    from keras import ops
+
+    from tan_keras.ghost import registry
+
+    side, channels, filters, batch = 5, 32, 32, 3
+    out_side = 3  # stride 2, "same": ceil(5 / 2); TF pads 1 before and 1 after
+    assert registry.use_ghost(out_side * out_side, 9 * channels, filters)
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(1)
+    u = rng.normal(size=(out_side, out_side, filters)).astype(bf16).astype("float32")  # ∂ℓ/∂z per example
+    x = rng.normal(size=(batch, side, side, channels)).astype(bf16).astype("float32")
+    inputs = keras.Input((side, side, channels))
+    z = keras.layers.Conv2D(filters, 3, strides=2, padding="same", dtype="mixed_bfloat16")(inputs)
+    readout = _Readout(u.reshape(out_side, out_side * filters), dtype="mixed_bfloat16")
+    model = tan_keras.make_private(
+        keras.Model(inputs, readout(keras.layers.Reshape((out_side, out_side * filters), dtype="mixed_bfloat16")(z))),
+        clipping="ghost")
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                  loss=lambda y_true, y_pred: y_pred[:, 0])
+    got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(model, x, np.zeros((batch, 1)), 1e9)  # no clipping
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want_kernel = np.stack([np.stack([np.einsum("bhwc,hwp->cp", padded[:, a:a + 5:2, b:b + 5:2], u)
+                                      for b in range(3)]) for a in range(3)])
+    for got, want in [(got_sum[0], want_kernel), (got_sum[1], batch * u.astype(np.float64).sum(axis=(0, 1)))]:
+        got = np.asarray(ops.cast(got, "float32"), np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_bf16_ghost_form_share_of_the_clipped_sum_is_the_float32_sum_of_exact_products():
     """A bf16 ghost-form layer's weight gradient summed over the batch comes back float32-accurate (the
     book-keeping VJP runs in float32 on the same bf16 values), not rounded to bf16 (~2e-3) after the sum."""

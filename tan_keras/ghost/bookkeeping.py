@@ -7,16 +7,17 @@ From the calls recorded by ``capture.capture`` and their output gradients
     Σ_i c_i ∇_W ℓ_i = (∂z/∂W)ᵀ (c ⊙ g)        (Bu et al., ICML'23)
 
 (details in ``norms_and_clipped_sum``). The backends supply the layer's
-vector-Jacobian product. Where that cotangent is rounded to 16 bits, the
-factors are checked against what will be added and halved where needed
-(``_backed_off_factors``).
+vector-Jacobian product; where the cotangent is 16-bit, a rule's own
+``weight_grads`` (bf16 matmuls with float32 sums) takes its place. Where
+that cotangent is rounded to 16 bits, the factors are checked against what
+will be added and halved where needed (``_backed_off_factors``).
 """
 
 import keras
 from keras import ops
 
 from tan_keras import clipping
-from tan_keras.ghost.capture import _drop_examples
+from tan_keras.ghost.capture import _drop_examples, call_inputs
 from tan_keras.ghost.norms import entry_sum_sq, example_rows
 from tan_keras.ghost.registry import _own_trainable_variables
 
@@ -106,7 +107,14 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                 cotangent = scaled_cotangent(g, row_factors)
                 if drop:
                     call, cotangent = _drop_examples(call, keep), clipping.zero_rows(cotangent, keep)
-                for v, grad in zip(rest, layer_vjp(call, rest, cotangent)):
+                if call.rule.weight_grads is not None and _rounds_cotangent(g):  # float32 sums of 16-bit products
+                    for v, grad in call.rule.weight_grads(call.layer, call_inputs(call.layer, call.args, call.kwargs),
+                                                          cotangent):
+                        if id(v) in index and out[index[id(v)]] is None:
+                            out[index[id(v)]] = ops.cast(grad, v.dtype)
+                            done.add(id(v))
+                    rest = [v for v in rest if id(v) not in done]
+                for v, grad in zip(rest, layer_vjp(call, rest, cotangent) if rest else ()):
                     out[index[id(v)]] = grad
         return [ops.zeros(v.shape, v.dtype) if g is None else g for v, g in zip(variables, out)]
 

@@ -19,6 +19,7 @@ from tan_keras.ghost.norms import (_f32, _trainable, example_sums, matmul_grad_s
                                    matmul_per_example_grads, num_examples, per_example, per_example_sum_sq,
                                    position_sum_sq, positions, shifted_inputs, sq_norms_from)
 from tan_keras.ghost.registry import register_ghost_norm, use_ghost
+from tan_keras.per_example import einsum_f32
 
 
 def _no_lora_or_quantization(layer):
@@ -63,8 +64,31 @@ def dense_per_example_grads(layer, inputs, output_grad):
                                            lambda: (matmul_per_example_grads(a, g), None))
 
 
+def _matmul_weight_grads(kernel, bias, a, g):
+    """``[(kernel, Σ_{i,t} a_itᵀ g_it), (bias, Σ_{i,t} g_it)]`` (trainable ones) in float32 from 16-bit operands.
+
+    ``a`` (B, T, d) or a list of blocks (B, T, d_j) (a conv's patches, one
+    per kernel offset: one matmul each, rows of the kernel in block order),
+    ``g`` (B, T, p); products exact, sums float32 (``einsum_f32``).
+    """
+    grads = []
+    if _trainable(kernel):
+        blocks = a if isinstance(a, (list, tuple)) else [a]
+        kernel_grad = ops.concatenate([einsum_f32("btd,btp->dp", b, g) for b in blocks], axis=0)
+        grads.append((kernel, ops.reshape(kernel_grad, kernel.shape)))
+    if _trainable(bias):
+        grads.append((bias, ops.sum(_f32(g), axis=(0, 1))))
+    return grads
+
+
+def dense_weight_grads(layer, inputs, cotangent):
+    """Dense: its weight gradients at a 16-bit cotangent (``registry.GhostNormRule.weight_grads``)."""
+    return _matmul_weight_grads(layer.kernel, layer.bias, positions(inputs, layer.kernel.shape[0]),
+                                positions(cotangent, layer.units))
+
+
 @register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization,
-                     per_example_grads=dense_per_example_grads, views=True)
+                     per_example_grads=dense_per_example_grads, views=True, weight_grads=dense_weight_grads)
 def dense_sq_norms(layer, inputs, output_grad):
     """Dense on ``(B, ..., d)``: every leading non-batch axis is a position t."""
     g = positions(output_grad, layer.units)
@@ -193,8 +217,16 @@ def conv_per_example_grads(layer, inputs, output_grad):
         math.prod(layer.kernel_size) * layer.kernel.shape[-2], kernel_grads)
 
 
+def conv_weight_grads(layer, inputs, cotangent):
+    """Conv1D/Conv2D: its weight gradients at a 16-bit cotangent, one matmul per kernel offset over the batch's
+    positions (``registry.GhostNormRule.weight_grads``)."""
+    return _matmul_weight_grads(layer.kernel, layer.bias if layer.use_bias else None, _conv_blocks(layer, inputs),
+                                _conv_output_grad(layer, cotangent))
+
+
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",
-                     unsupported=_conv_unsupported, per_example_grads=conv_per_example_grads, views=True)
+                     unsupported=_conv_unsupported, per_example_grads=conv_per_example_grads, views=True,
+                     weight_grads=conv_weight_grads)
 def conv_sq_norms(layer, inputs, output_grad):
     """Conv1D/Conv2D: the matmul ``patches_i (T × k·C) @ W (k·C × filters)``, T = output positions."""
     g = _conv_output_grad(layer, output_grad)

@@ -52,6 +52,17 @@ class GhostNormRule:
         gradients themselves when they are the cheaper form (``use_ghost``
         says no), else None. When given, they serve both the norms and the
         clipped sum ``Σ_i c_i ∇W_i`` (no weight-gradient pass for the layer).
+      weight_grads: optional ``(layer, inputs, cotangent) -> [(variable, grad),
+        ...]``: the layer's weight gradients summed over the batch at a 16-bit
+        cotangent (``c ⊙ g`` rounded), as float32 sums of exact products of
+        the 16-bit values. Book-keeping takes a ghost-form layer's share of
+        the clipped sum from it where the cotangent is 16-bit; without it,
+        from the backend's VJP of the layer re-run in float32
+        (``capture.pre_activation_output``), which gives the same sums by
+        float32 (on a GPU, TF32) matmuls: slower on an H200 (one 8×8 conv,
+        256 → 256, B = 1,024: 0.67 ms against 0.48 for the Conv2D rule's
+        nine bf16 matmuls with float32 results; WRN-16-4's bf16 ghost step
+        went from 65.1k to 71.6k–72.2k ex/s).
       views: whether the rule is exact when an example is K consecutive rows
         of the layer's batch (AugMult's K views, ``norms.example_rows``):
         it finds the examples with ``norms.positions`` / ``num_examples``
@@ -64,12 +75,14 @@ class GhostNormRule:
     unsupported: Optional[Callable] = None
     per_example_grads: Optional[Callable] = None
     views: bool = False
+    weight_grads: Optional[Callable] = None
 
 
 _RULES = {}
 
 
-def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, per_example_grads=None, views=False):
+def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, per_example_grads=None, views=False,
+                        weight_grads=None):
     """Decorator registering ``fn(layer, inputs, output_grad) -> (B,)`` for layer classes.
 
     ``layer_types`` are Keras layer classes, or registered Keras names
@@ -83,7 +96,7 @@ def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, pe
     """
 
     def decorator(fn):
-        rule = GhostNormRule(fn, activation_attr, unsupported, per_example_grads, views)
+        rule = GhostNormRule(fn, activation_attr, unsupported, per_example_grads, views, weight_grads)
         for layer_type in layer_types:
             _RULES[layer_type] = rule
         return fn
