@@ -283,6 +283,47 @@ def test_bf16_operands_give_the_float32_norm_of_the_same_bf16_values(form):
                                atol=2e-5)
 
 
+PATCH_GEOMETRIES = [  # (rows, spatial, C, kernel, strides, padding, dilation, K)
+    (2, (6, 5), 3, (3, 3), (1, 1), "same", (1, 1), 1),
+    (2, (7, 6), 2, (3, 3), (2, 2), "same", (1, 1), 1),  # "same" with a stride: the extra pixel after
+    (2, (7, 7), 2, (3, 2), (1, 1), "valid", (2, 1), 1),  # dilated (TF's conv takes no stride with a dilation)
+    (2, (7, 8), 2, (3, 2), (2, 3), "valid", (1, 1), 1),
+    (4, (9,), 3, (3,), (1,), "same", (2,), 2),  # Conv1D, dilated, AugMult's K = 2 rows per example
+    (4, (5, 5), 2, (3, 3), (1, 1), "same", (1, 1), 2),
+]
+
+
+@pytest.mark.parametrize("rows,spatial,channels,kernel_size,strides,padding,dilation,views", PATCH_GEOMETRIES)
+def test_patch_gram_from_the_inputs_own_gram_equals_the_gram_of_keras_conv_patches(
+        rows, spatial, channels, kernel_size, strides, padding, dilation, views):
+    """``patch_gram`` (the padded input's Gram, summed over the kernel offsets' windows) against float64 numpy on
+    the patches that Keras's own conv extracts (a one-hot kernel copies offset j, channel c to output j·C + c)."""
+    from keras import ops
+
+    from tan_keras.ghost import norms
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, *spatial, channels)).astype("float32")
+    k = int(np.prod(kernel_size))
+    one_hot = np.zeros((k * channels, k * channels), "float32")
+    one_hot[np.arange(k * channels), np.arange(k * channels)] = 1.0
+    kernel = one_hot.reshape(tuple(kernel_size) + (channels, k * channels))
+    patches = np.asarray(ops.conv(x, kernel, strides=strides, padding=padding, dilation_rate=dilation), np.float64)
+    patches = patches.reshape(rows // views, -1, k * channels)  # an example's positions: its K views'
+    want = np.einsum("btd,bsd->bts", patches, patches)
+    with norms.example_rows(views):
+        got = norms.patch_gram(ops.convert_to_tensor(x), kernel_size, strides, padding, dilation)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_patch_gram_is_used_where_it_takes_fewer_multiply_adds():
+    """P² < k·T²: an 8×8 "same" 3×3 conv (100² < 9·64²) yes; the same with stride 2 (81² > 9·16²) no."""
+    from tan_keras.ghost import norms
+
+    assert norms.patch_gram_is_cheaper((8, 8), (3, 3), (1, 1), "same", (1, 1))
+    assert not norms.patch_gram_is_cheaper((8, 8), (3, 3), (2, 2), "same", (1, 1))
+
+
 def test_einsum_f32_keeps_float32_and_float64_operands_at_their_precision():
     """Accumulation is at least float32: float32 stays float32, float64 (where the backend has it) stays float64."""
     from keras import ops

@@ -17,7 +17,8 @@ from keras import ops
 from tan_keras.ghost.norms import (_f32, _trainable, example_sums, matmul_grad_sq_norms,
                                    conv_per_example_grads as conv_per_example_grads_of,
                                    matmul_per_example_grads, num_examples, per_example, per_example_sum_sq,
-                                   position_sum_sq, positions, shifted_inputs, sq_norms_from)
+                                   patch_gram, patch_gram_is_cheaper, position_sum_sq, positions, shifted_inputs,
+                                   sq_norms_from)
 from tan_keras.ghost.registry import register_ghost_norm, use_ghost
 from tan_keras.per_example import einsum_f32
 
@@ -195,6 +196,15 @@ def _conv_blocks(layer, inputs):
     return shifted_inputs(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
 
 
+def _conv_patch_gram(layer, inputs):
+    """``() -> patch_gram`` of a Conv1D/Conv2D's input where it is the cheaper Gram, else None (one per offset)."""
+    x, padding = _conv_input(layer, inputs)
+    if math.prod(layer.kernel_size) == 1 or not patch_gram_is_cheaper(
+            x.shape[1:-1], layer.kernel_size, layer.strides, padding, layer.dilation_rate):
+        return None
+    return lambda: patch_gram(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+
+
 def _conv_output_grad(layer, output_grad):
     return positions(_channels_last(output_grad, layer.data_format), layer.filters)
 
@@ -228,11 +238,15 @@ def conv_weight_grads(layer, inputs, cotangent):
                      unsupported=_conv_unsupported, per_example_grads=conv_per_example_grads, views=True,
                      weight_grads=conv_weight_grads)
 def conv_sq_norms(layer, inputs, output_grad):
-    """Conv1D/Conv2D: the matmul ``patches_i (T × k·C) @ W (k·C × filters)``, T = output positions."""
+    """Conv1D/Conv2D: the matmul ``patches_i (T × k·C) @ W (k·C × filters)``, T = output positions.
+
+    The ghost form's patch Gram comes from the input's own Gram where that
+    takes fewer multiply-adds (``norms.patch_gram``).
+    """
     g = _conv_output_grad(layer, output_grad)
     total = 0.0
     if _trainable(layer.kernel):
-        total = total + matmul_grad_sq_norms(_conv_blocks(layer, inputs), g)
+        total = total + matmul_grad_sq_norms(_conv_blocks(layer, inputs), g, gram_a=_conv_patch_gram(layer, inputs))
     if layer.use_bias and _trainable(layer.bias):
         total = total + position_sum_sq(g)
     return total

@@ -93,14 +93,15 @@ def _as_blocks(a):
     return list(a) if isinstance(a, (list, tuple)) else [a]
 
 
-def matmul_grad_sq_norms(a, g):
+def matmul_grad_sq_norms(a, g, gram_a=None):
     """``‖a_iᵀ g_i‖²_F`` for ``a`` (B, T, d) and ``g`` (B, T, p): per-example norms of a matmul's weight grad.
 
     Ghost form ``Σ_{t,s} (a_i a_iᵀ)_{ts} (g_i g_iᵀ)_{ts}`` or explicit form
     ``Σ (a_iᵀ g_i)²``, whichever ``use_ghost`` picks. ``a`` may also be a list
     of blocks ``(B, T, d_j)`` standing for their concatenation along the last
     axis (a conv's input patches, one block per kernel offset), which is never
-    formed.
+    formed. ``gram_a``: optional ``() -> (B, T, T)`` giving ``a_i a_iᵀ`` another
+    way (a conv's ``patch_gram``), used by the ghost form.
 
     Precision: the operands keep their dtype (bf16 activations and output
     gradients under ``mixed_bfloat16``); products and sums are float32
@@ -114,7 +115,7 @@ def matmul_grad_sq_norms(a, g):
         a_sq = sum(ops.sum(ops.square(_f32(b)), axis=(1, 2)) for b in blocks)
         return a_sq * ops.sum(ops.square(_f32(g)), axis=(1, 2))
     if use_ghost(num_positions, in_dim, out_dim):
-        gram_a = sum(einsum_f32("btd,bsd->bts", b, b) for b in blocks)
+        gram_a = gram_a() if gram_a is not None else sum(einsum_f32("btd,bsd->bts", b, b) for b in blocks)
         gram_g = einsum_f32("btp,bsp->bts", g, g)
         return ops.sum(gram_a * gram_g, axis=(1, 2))
     return per_example_sum_sq(matmul_per_example_grads(blocks, g))
@@ -237,3 +238,41 @@ def shifted_inputs(inputs, kernel_size, strides, padding, dilation_rate):
             for j, d, s, out in zip(offset, dilation_rate, strides, outs)) + (slice(None),)
         blocks.append(positions(x[index], x.shape[-1]))
     return blocks
+
+
+def patch_gram(inputs, kernel_size, strides, padding, dilation_rate):
+    """``(n, T, T)``: the Gram ``⟨patch_t, patch_s⟩`` of a channels-last conv's input patches, per example.
+
+    A patch is the concatenation over kernel offsets j of the (padded) input
+    pixel ``p_j(t)`` that offset j multiplies at output position t, so
+
+        ⟨patch_t, patch_s⟩ = Σ_j G[p_j(t), p_j(s)],      G = x xᵀ over the padded input's pixels:
+
+    one matmul of the padded input with itself and a sum of k strided
+    windows of ``G``, instead of one Gram per offset over k copies of the
+    input (``shifted_inputs``). Under AugMult the example's positions are its
+    K views' (``positions``): ``G`` then spans the K views' pixels.
+    """
+    x = inputs
+    spatial_pads, outs = conv_padding(x.shape[1:-1], kernel_size, strides, padding, dilation_rate)
+    if any(p != [0, 0] for p in spatial_pads):
+        x = ops.pad(x, [[0, 0]] + spatial_pads + [[0, 0]])
+    spatial = tuple(x.shape[1:-1])
+    flat = positions(x, x.shape[-1])  # (n, K·P, C)
+    views = flat.shape[1] // math.prod(spatial)
+    gram = ops.reshape(einsum_f32("bpc,bqc->bpq", flat, flat), (-1, views) + spatial + (views,) + spatial)
+    total = 0.0
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        window = tuple(slice(j * d, j * d + s * (out - 1) + 1, s)
+                       for j, d, s, out in zip(offset, dilation_rate, strides, outs))
+        total = total + gram[(slice(None), slice(None)) + window + (slice(None),) + window]
+    size = views * math.prod(outs)
+    return ops.reshape(total, (-1, size, size))
+
+
+def patch_gram_is_cheaper(spatial, kernel_size, strides, padding, dilation_rate):
+    """Whether ``patch_gram`` takes fewer multiply-adds than one Gram per kernel offset: ``P² < k·T²``
+    (P padded input pixels, T output positions, k offsets)."""
+    spatial_pads, outs = conv_padding(spatial, kernel_size, strides, padding, dilation_rate)
+    padded = math.prod(size + sum(p) for size, p in zip(spatial, spatial_pads))
+    return padded**2 < math.prod(kernel_size) * math.prod(outs) ** 2
