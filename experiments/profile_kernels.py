@@ -3,13 +3,14 @@
     python -m experiments.profile_kernels --steps=5 TRACE.xplane.pb [...]
 
 Reads every stream of the trace's GPU plane and sums the kernels' durations
-by kind (a ``cond`` that XLA runs as a CUDA-graph conditional puts its
-branch on a stream of its own: a ghost step's book-keeping is that branch,
-2.1 of WRN-16-4's 14.2 bf16 ms and 3.7 of the ViT's 13.0 fp32 ms on an H200): cuDNN convolutions (forward, input gradient,
-weight gradient), matmuls (cuBLAS, XLA's Triton gemm fusions), tan_keras's
-fused per-example conv-gradient kernel, XLA's concatenate fusions (in a ghost step: the input patches of convolutions'
-per-example gradients), reductions, dtype converts, data movement, other
-elementwise fusions. Divided by ``--steps`` (the traced steps). The XPlane
+by kind: cuDNN convolutions (forward, input gradient, weight gradient),
+matmuls (cuBLAS, XLA's Triton gemm fusions), tan_keras's fused per-example
+conv-gradient kernel, XLA's concatenate fusions (in a ghost step: the input
+patches of convolutions' per-example gradients), reductions, dtype converts,
+data movement, other elementwise fusions. All streams: a ``cond`` that XLA
+runs as a CUDA-graph conditional puts its branch on a stream of its own (a
+ghost step's book-keeping is that branch: 2.1 of WRN-16-4's 14.2 bf16 ms and
+3.7 of the ViT's 13.0 fp32 ms on an H200). Divided by ``--steps`` (the traced steps). The XPlane
 protobuf is TensorFlow's (``tensorflow.tsl.profiler.protobuf``).
 """
 
@@ -51,7 +52,7 @@ def kind(kernel):
 
 
 def summarize(path, steps):
-    """``{kind: ms per step}`` and their total (kernels of all streams, overlaps counted twice), for one ``.xplane.pb``."""
+    """``{kind: ms per step}`` and their total (all streams' kernels, overlaps counted twice), for one trace."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()

@@ -51,9 +51,8 @@ from tan_keras.ghost.registry import (GhostNormRule, GhostPlan, check_calls, gho
 
 __all__ = [
     "GhostNormRule", "GhostPlan", "LayerCall", "call_inputs", "capture", "check_calls", "conv_per_example_grads",
-    "entry_sum_sq", "example_rows", "example_sums", "foreign_read_reason", "ghost_plan", "log_fallback", "matmul_grad_sq_norms",
-    "matmul_per_example_grads", "norm_mode", "norms_and_clipped_sum", "num_examples", "patch_gram",
-    "patch_gram_is_cheaper", "per_example",
-    "per_example_sum_sq", "position_sum_sq", "positions", "pre_activation_output", "register_ghost_norm",
-    "rule_for", "shifted_inputs", "sq_norms_from", "use_ghost",
+    "entry_sum_sq", "example_rows", "example_sums", "foreign_read_reason", "ghost_plan", "log_fallback",
+    "matmul_grad_sq_norms", "matmul_per_example_grads", "norm_mode", "norms_and_clipped_sum", "num_examples",
+    "patch_gram", "patch_gram_is_cheaper", "per_example", "per_example_sum_sq", "position_sum_sq", "positions",
+    "pre_activation_output", "register_ghost_norm", "rule_for", "shifted_inputs", "sq_norms_from", "use_ghost",
 ]

@@ -61,7 +61,8 @@ def einsum_f32(equation, a, b):
 def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1):
     """``(grads, sum_sq)`` from a fused kernel, or None where there is none.
 
-    ``grads``: ``(n, k·C, P)`` float32 per-example conv kernel gradients;
+    ``grads``: ``(n, k·C, P)`` per-example conv kernel gradients (float32, or
+    the operands' 16-bit dtype, rounded once from float32 sums);
     ``sum_sq``: their (n,) square sums. ``x`` (n·K, *spatial, C) and ``g``
     (n·K, *spatial_out, P) are channels-last; K = ``views`` rows per example
     are summed. JAX on a GPU: one Pallas kernel that never forms the input
