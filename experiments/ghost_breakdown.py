@@ -55,6 +55,7 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
     import tan_keras
     from tan_keras import clipping
     from tan_keras.ghost import LayerCall, call_inputs, capture, entry_sum_sq, ghost_plan, pre_activation_output
+    from tan_keras.ghost.bookkeeping import layer_share
     from tan_keras.ghost.registry import _own_trainable_variables
 
     if keras.backend.backend() != "jax":
@@ -121,21 +122,21 @@ def breakdown(model_name, batch_size, image_size=None, mixed_precision=False, re
 
             sum_fn, sum_args = jax.jit(sum_piece), (explicit, factors)
         else:
-            def sum_piece(arrays, g, factors, layer=layer, own=own, rebuilt=rebuilt, call=call, rule=rule):
+            def sum_piece(arrays, g, factors, layer=layer, own=own, rebuilt=rebuilt, rule=rule):
                 args, kwargs = rebuilt(arrays)
                 cotangent = g * factors.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-                if rule.weight_grads is not None and cotangent.dtype != jnp.float32:  # as book-keeping does
-                    with keras.StatelessScope(state_mapping=mapping):
-                        return [grad for _, grad in rule.weight_grads(layer, call_inputs(layer, args, kwargs),
-                                                                     cotangent)]
+                rerun = LayerCall(layer, rule, None, None, tuple(args), dict(kwargs))
 
-                def pre(values):
-                    with keras.StatelessScope(state_mapping=mapping + list(zip(own, values))):
-                        return pre_activation_output(LayerCall(layer, call.rule, None, None, tuple(args),
-                                                               dict(kwargs)))
+                def layer_vjp(call, variables, cotangent):
+                    def pre(values):
+                        with keras.StatelessScope(state_mapping=mapping + list(zip(variables, values))):
+                            return pre_activation_output(call)
 
-                _, pullback = jax.vjp(pre, [_value(mapping, v) for v in own])
-                return pullback(cotangent)[0]
+                    _, pullback = jax.vjp(pre, [_value(mapping, v) for v in variables])
+                    return pullback(cotangent)[0]
+
+                with keras.StatelessScope(state_mapping=mapping):  # as book-keeping chooses the layer's share
+                    return layer_share(rerun, own, cotangent, layer_vjp)
 
             sum_fn, sum_args = jax.jit(sum_piece), (arrays, g, factors)
         rows.append({"layer": layer.name, "family": type(layer).__name__,

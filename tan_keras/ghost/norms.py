@@ -226,18 +226,21 @@ def shifted_inputs(inputs, kernel_size, strides, padding, dilation_rate):
     conv's own TF-style "same"/"valid" padding, ``conv_padding``), so no
     ``k``-fold patch tensor is built.
     """
+    x, windows, _ = _padded_windows(inputs, kernel_size, strides, padding, dilation_rate)
+    return [positions(x[(slice(None),) + window + (slice(None),)], x.shape[-1]) for window in windows]
+
+
+def _padded_windows(inputs, kernel_size, strides, padding, dilation_rate):
+    """``(x, windows, outs)``: the input with the conv's padding (``conv_padding``), one tuple of spatial slices per
+    kernel offset (row-major) picking the pixels that offset multiplies, and the output's spatial size."""
     x = inputs
     spatial_pads, outs = conv_padding(x.shape[1:-1], kernel_size, strides, padding, dilation_rate)
-    pads = [[0, 0]] + spatial_pads + [[0, 0]]
-    if any(p != [0, 0] for p in pads):
-        x = ops.pad(x, pads)
-    blocks = []
-    for offset in itertools.product(*(range(k) for k in kernel_size)):
-        index = (slice(None),) + tuple(
-            slice(j * d, j * d + s * (out - 1) + 1, s)
-            for j, d, s, out in zip(offset, dilation_rate, strides, outs)) + (slice(None),)
-        blocks.append(positions(x[index], x.shape[-1]))
-    return blocks
+    if any(p != [0, 0] for p in spatial_pads):
+        x = ops.pad(x, [[0, 0]] + spatial_pads + [[0, 0]])
+    windows = [tuple(slice(j * d, j * d + s * (out - 1) + 1, s)
+                     for j, d, s, out in zip(offset, dilation_rate, strides, outs))
+               for offset in itertools.product(*(range(k) for k in kernel_size))]
+    return x, windows, outs
 
 
 def patch_gram(inputs, kernel_size, strides, padding, dilation_rate):
@@ -253,18 +256,13 @@ def patch_gram(inputs, kernel_size, strides, padding, dilation_rate):
     input (``shifted_inputs``). Under AugMult the example's positions are its
     K views' (``positions``): ``G`` then spans the K views' pixels.
     """
-    x = inputs
-    spatial_pads, outs = conv_padding(x.shape[1:-1], kernel_size, strides, padding, dilation_rate)
-    if any(p != [0, 0] for p in spatial_pads):
-        x = ops.pad(x, [[0, 0]] + spatial_pads + [[0, 0]])
+    x, windows, outs = _padded_windows(inputs, kernel_size, strides, padding, dilation_rate)
     spatial = tuple(x.shape[1:-1])
     flat = positions(x, x.shape[-1])  # (n, K·P, C)
     views = flat.shape[1] // math.prod(spatial)
     gram = ops.reshape(einsum_f32("bpc,bqc->bpq", flat, flat), (-1, views) + spatial + (views,) + spatial)
     total = 0.0
-    for offset in itertools.product(*(range(k) for k in kernel_size)):
-        window = tuple(slice(j * d, j * d + s * (out - 1) + 1, s)
-                       for j, d, s, out in zip(offset, dilation_rate, strides, outs))
+    for window in windows:
         total = total + gram[(slice(None), slice(None)) + window + (slice(None),) + window]
     size = views * math.prod(outs)
     return ops.reshape(total, (-1, size, size))

@@ -38,8 +38,9 @@ the norm is that of what the clipped sum adds (``clipping.weighted_sum``
 sums them in float32), and the gradients take half the memory and traffic
 (WRN-16-4 at B = 1,024 under ``mixed_bfloat16``: 1.3 GB instead of 2.6 GB
 per step, written once and read once; on an H200 the step went from 59.5k
-to 66.8k ex/s and its peak memory from 4.66 to 2.49 GB, README). Channels that are not a multiple of 16 (an RGB
-stem's 3) are zero-padded to one first: the padded rows of ``∇W_i`` are 0.
+to 66.8k ex/s and its peak memory from 4.66 to 2.49 GB, README). Channels
+that are not a multiple of 16 (an RGB stem's 3) are zero-padded to one
+first: the padded rows of ``∇W_i`` are 0.
 
 ``fused_conv_per_example_grads`` returns None where the kernel does not apply
 (not a GPU, fp32 layers wider than 64 channels, where cuBLAS is faster,
