@@ -1,12 +1,18 @@
 """Traces ``--steps`` fit steps of a benchmark model with the JAX profiler (for ``experiments.profile_kernels``).
 
     KERAS_BACKEND=jax python -m experiments.profile_step --model=wrn16_4 --batch_size=1024 \
-        --mode=ghost --mixed_precision --trace_dir=/tmp/trace
+        --mode=ghost --mixed_precision --trace_dir=/tmp/trace [--hlo_dir=/tmp/hlo]
 
 ``--mode``: ``nonprivate`` (Keras SGD) or ``ghost`` / ``vectorized`` (DP-SGD).
 The compiled step runs ``--warmup`` times first, so the trace holds only
 steady-state steps. The trace is ``TRACE_DIR/plugins/profile/*/*.xplane.pb``.
+``--hlo_dir``: XLA also dumps every compiled module's HLO there, and the
+path of the train step's optimized HLO is printed: ``profile_kernels --hlo``
+reads the phase of each kernel from it.
 """
+
+import glob
+import os
 
 from absl import app, flags
 
@@ -21,11 +27,15 @@ flags.DEFINE_bool("mixed_precision", False, "Use Keras's `mixed_bfloat16` policy
 flags.DEFINE_integer("warmup", 3, "Untimed steps before the trace.")
 flags.DEFINE_integer("steps", 5, "Traced steps.")
 flags.DEFINE_string("trace_dir", None, "Where the JAX profiler writes the trace.")
+flags.DEFINE_string("hlo_dir", None, "Optional: where XLA dumps the compiled modules' HLO text.")
 flags.mark_flag_as_required("trace_dir")
 
 
 def main(argv):
     del argv
+    if FLAGS.hlo_dir:  # read when XLA's backend starts, i.e. at the first computation below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_dump_to={FLAGS.hlo_dir} --xla_dump_hlo_as_text").strip()
     import jax
     import keras
     import numpy as np
@@ -50,6 +60,10 @@ def main(argv):
     model.fit(SameBatch(x, y, FLAGS.steps), epochs=1, verbose=0)
     jax.profiler.stop_trace()
     print(f"traced {FLAGS.steps} steps of {FLAGS.model} ({FLAGS.mode}) to {FLAGS.trace_dir}")
+    if FLAGS.hlo_dir:
+        dumps = glob.glob(os.path.join(FLAGS.hlo_dir, "*jit_train_step*after_optimizations.txt"))
+        if dumps:  # the step's largest module: the traced one (others are small helpers)
+            print("train step's optimized HLO:", max(dumps, key=os.path.getsize))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,54 @@ def test_profile_kernels_sorts_kernel_names_into_kinds():
         "loop_convert_fusion_2": "dtype converts", "sm90_xmma_fprop_implicit_gemm_f32": "cuDNN conv forward"}
 
 
+def test_profile_kernels_puts_each_kernel_in_the_phase_of_its_op_from_the_trace_or_the_hlo(tmp_path):
+    """A kernel launched alone is named by its trace's ``name`` stat; one replayed in a CUDA graph by the HLO op
+    of its name (``_12`` is HLO's ``.12``); the fused kernel by its own name; what neither names is unattributed."""
+    import gzip
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    from experiments import profile_kernels
+
+    space = xplane_pb2.XSpace()
+    gpu = space.planes.add(name="/device:GPU:0")
+    gpu.stat_metadata[1].id, gpu.stat_metadata[1].name = 1, "name"
+    gpu.stat_metadata[2].id, gpu.stat_metadata[2].name = 2, "jit(train_step)/jvp(conv)/conv_general_dilated"
+    kernels = [  # (kernel, µs, op named in the trace)
+        ("sm90_xmma_fprop_implicit_gemm_bf16", 3.0, True),
+        ("input_reduce_fusion_12", 2.0, False),  # in the HLO: the backward
+        ("loop_slice_fusion", 1.0, False),  # in the HLO: book-keeping
+        ("gemm_fusion_dot_7", 4.0, False),  # in the HLO: the norms
+        ("tan_keras_conv_per_example_grads__2", 5.0, False),
+        ("sm90_xmma_gemm_f32f32_tf32f32", 0.5, False),  # in no HLO line
+    ]
+    line = gpu.lines.add(name="Stream #14")
+    for i, (name, us, named) in enumerate(kernels):
+        gpu.event_metadata[10 + i].id, gpu.event_metadata[10 + i].name = 10 + i, name
+        event = line.events.add(metadata_id=10 + i, duration_ps=int(us * 1e6))
+        if named:
+            event.stats.add(metadata_id=1, ref_value=2)
+    trace = tmp_path / "step.xplane.pb"
+    trace.write_bytes(space.SerializeToString())
+    hlo = tmp_path / "step.txt.gz"
+    with gzip.open(hlo, "wt") as f:
+        f.write('  %input_reduce_fusion.12 = f32[4]{0} fusion(%p), kind=kInput, '
+                'metadata={op_name="jit(train_step)/transpose(jvp(gn))/reduce_sum" stack_frame_id=3}\n'
+                '  %loop_slice_fusion = bf16[4]{0} fusion(%q), kind=kLoop, '
+                'metadata={op_name="jit(train_step)/cond/branch_1_fun/slice"}\n'
+                '  ROOT %gemm_fusion_dot.7 = f32[4,4]{1,0} fusion(%a, %b), kind=kCustom, '
+                'metadata={op_name="jit(train_step)/btd,bsd->bts/dot_general"}\n')
+    result = profile_kernels.summarize(str(trace), steps=1, hlo=profile_kernels.hlo_op_names(str(hlo)))
+    totals = {p: round(sum(k.values()) * 1e3, 6) for p, k in result["phase_ms_per_step"].items()}
+    assert totals == {"forward": 3.0, "backward": 2.0, "per-example kernel": 5.0, "book-keeping": 1.0,
+                      "DP step: norms, clip, noise, update": 4.0, "unattributed": 0.5}
+    assert list(result["phase_ms_per_step"]) == list(profile_kernels.PHASES)
+    assert result["phase_ms_per_step"]["backward"] == {"reductions": pytest.approx(2e-3)}
+    assert result["busy_ms_per_step"] == pytest.approx(15.5e-3)
+    without_hlo = profile_kernels.summarize(str(trace), steps=1)["phase_ms_per_step"]
+    assert sum(without_hlo["unattributed"].values()) == pytest.approx(7.5e-3)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX (Pallas) kernel")
 def test_conv_kernel_benchmark_reports_every_method_with_float32_accurate_results(monkeypatch):
     """On a CPU the kernel runs interpreted: every method is timed, and each per-example result is within fp32
