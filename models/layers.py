@@ -293,7 +293,11 @@ def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
     ``Σ_o (γ_o/s_o)² ‖G_o‖²`` is the plain conv norm with ``g`` scaled per
     channel (ghost or explicit by cost), ``ΣG_o = Σ_t g_t,o Σ_j patch_t,j``
     and ``α_o = Σ_t g_t,o (patch_t · u_o)``: nothing B×n×filters is formed in
-    the ghost form.
+    the ghost form. ``patch_t · u_o`` is the conv of the input with ``u`` (the
+    layer's own conv, one call) and ``Σ_j patch_t,j`` the conv of the input's
+    channel sums with a kernel of ones, so neither forms the k shifted copies
+    of the input; with the patch Gram from the input's own Gram
+    (``norms.patch_gram``, where that is cheaper) the ghost form forms none.
     """
     g = positions(_f32(output_grad), layer.filters)
     total = 0.0
@@ -301,21 +305,27 @@ def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
         k, channels = math.prod(layer.kernel_size), layer.kernel.shape[2]
         n = k * channels
         u, scale = _ws_standardized(layer)
-        u = ops.reshape(u, (k, channels, layer.filters))  # offsets row-major, as the blocks
-        blocks = shifted_inputs(_f32(inputs), layer.kernel_size, layer.strides, layer.padding, (1, 1))
-        patch_u = sum(ops.einsum("btc,co->bto", b, u[j]) for j, b in enumerate(blocks))  # patch_t · u_o
+        x = _f32(inputs)
+
+        def conv(inputs, kernel):
+            return ops.conv(inputs, kernel, strides=layer.strides, padding=layer.padding, data_format="channels_last")
+
+        patch_u = positions(conv(x, u), layer.filters)  # patch_t · u_o, (B, T, filters)
         alpha = ops.sum(patch_u * g, axis=1)  # (B, filters)
         if layer.kernel.trainable:
             w = ops.square(_f32(layer.gain) / scale)  # (γ_o/s_o)²
             gram = None  # the patch Gram from the input's own Gram where that is cheaper (norms.patch_gram)
             if k > 1 and patch_gram_is_cheaper(inputs.shape[1:-1], layer.kernel_size, layer.strides, layer.padding,
                                                (1, 1)):
-                gram = lambda: patch_gram(_f32(inputs), layer.kernel_size, layer.strides, layer.padding,  # noqa: E731
+                gram = lambda: patch_gram(x, layer.kernel_size, layer.strides, layer.padding,  # noqa: E731
                                           (1, 1))
+            # The blocks stand for the patches in the Gram; with `gram` and the ghost form nothing reads them.
+            blocks = shifted_inputs(x, layer.kernel_size, layer.strides, layer.padding, (1, 1))
             weighted = matmul_grad_sq_norms(blocks, g * ops.sqrt(w), gram_a=gram)
-            patch_sums = sum(ops.sum(b, axis=2) for b in blocks)  # Σ_j patch_t,j, (B, T)
+            ones = ops.ones((*layer.kernel_size, 1, 1), "float32")
+            patch_sums = positions(conv(ops.sum(x, axis=-1, keepdims=True), ones), 1)[..., 0]  # Σ_j patch_t,j, (B, T)
             col_sums = ops.einsum("bt,bto->bo", patch_sums, g)  # ΣG_o
-            u_sq = ops.sum(ops.square(u), axis=(0, 1))  # ‖u_o‖²
+            u_sq = ops.sum(ops.square(u), axis=(0, 1, 2))  # ‖u_o‖²
             correction = ops.square(col_sums) / n + ops.square(alpha) * (2.0 - u_sq)
             total = total + weighted - ops.sum(w * correction, axis=1)
         if layer.gain.trainable:

@@ -59,13 +59,18 @@ def sequence_model():
     return keras.Model(inputs, keras.layers.Dense(3)(h)), "ids"
 
 
-def ws_conv_model():
+def ws_conv_model(side=5, kernel_size=3, strides=2, padding="valid"):
     """NF-ResNet's ScaledWSConv2D (kernel, gain and bias) + LayerNorm over (H, W, C) + Dense."""
-    inputs = keras.Input((5, 5, 2))
-    h = model_layers.ScaledWSConv2D(3, 3, strides=2, padding="valid", gain_init=0.7)(inputs)
+    inputs = keras.Input((side, side, 2))
+    h = model_layers.ScaledWSConv2D(3, kernel_size, strides=strides, padding=padding, gain_init=0.7)(inputs)
     h = keras.layers.LayerNormalization(axis=(1, 2, 3))(h)
     h = keras.layers.Flatten()(h)
-    return keras.Model(inputs, keras.layers.Dense(3)(h)), (5, 5, 2)
+    return keras.Model(inputs, keras.layers.Dense(3)(h)), (side, side, 2)
+
+
+# ScaledWSConv2D geometries whose ghost form takes the patch Gram from the input's Gram ("same" 3×3: P² < k·T²),
+# with a stride's extra pixel, and a 1×1 conv; ws_conv_model's own ("valid", stride 2) takes one Gram per offset.
+WS_CONV_GEOMETRIES = {"same": (6, 3, 1, "same"), "same_strided": (7, 3, 2, "same"), "one_by_one": (4, 1, 1, "same")}
 
 
 def data(shape, seed=0):
@@ -111,6 +116,14 @@ def test_ghost_norms_and_clipped_sum_equal_vectorized(model_fn, mode):
     model, (x, y, w) = build(model_fn)
     assert ghost_norms.ghost_plan(model).reason is None
     assert_ghost_matches_vectorized(model, x, y, w, mode)
+
+
+@pytest.mark.parametrize("geometry", list(WS_CONV_GEOMETRIES))
+def test_ws_conv_ghost_form_norms_and_clipped_sum_equal_vectorized(geometry):
+    """The ghost form of a ScaledWSConv2D (its α and patch sums from convs of the input, its Gram from the input's
+    own Gram where cheaper) gives the vectorized path's norms and clipped sum."""
+    model, (x, y, w) = build(lambda: ws_conv_model(*WS_CONV_GEOMETRIES[geometry]))
+    assert_ghost_matches_vectorized(model, x, y, w, "ghost")
 
 
 def test_weighted_sum_of_bf16_per_example_grads_uses_float32_weights_and_sum():
