@@ -25,6 +25,9 @@ trace; one replayed in a CUDA graph carries only the graph's, so its name
 ``*jit_train_step*after_optimizations.txt`` that ``experiments.profile_step
 --hlo_dir=DIR`` names, or ``XLA_FLAGS=--xla_dump_to=DIR --xla_dump_hlo_as_text``).
 Kernels found in neither are "unattributed" (cuBLAS calls inside a graph).
+A fusion is one kernel with one op name, its root's: XLA fuses a ghost
+step's per-example sums (the DP step's) with the backward's elementwise work
+that feeds them, and such a kernel counts whole in the DP step.
 """
 
 import collections
