@@ -191,7 +191,8 @@ print("RESULT " + json.dumps({"straight": straight, "resumed": resumed}))
 def worker_env(devices):
     root = str(pathlib.Path(tan_keras.__file__).resolve().parent.parent)
     return dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                XLA_FLAGS=" ".join([os.environ.get("XLA_FLAGS", ""),
+                                    f"--xla_force_host_platform_device_count={devices}"]).strip(),
                 PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
 
 

@@ -202,7 +202,9 @@ def test_ghost_step_norms_and_clipped_sum_equal_one_example_loop(model_fn):
     l2_norm_clip = min(float(np.median(norms)), float(norms.max()) / 20)  # some examples far above C
     factors = np.minimum(1.0, l2_norm_clip / norms)
     got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, x, y, l2_norm_clip)
-    np.testing.assert_allclose(np.asarray(got_norms), norms, rtol=1e-3)
+    # atol: an example whose tanh saturates (dense, x·30) has a loop gradient of exactly 0, and the batched step's
+    # tanh need not round to exactly ±1 as the loop's did (XLA CPU's at -O0: a norm of 1e-5 against max 1.5).
+    np.testing.assert_allclose(np.asarray(got_norms), norms, rtol=1e-3, atol=1e-4 * norms.max())
     for j, variable in enumerate(model.trainable_variables):
         expected = sum(f * grads[j] for f, grads in zip(factors, want))
         scale = max(float(np.max(np.abs(expected))), 1e-3)
