@@ -307,8 +307,8 @@ def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
         u, scale = _ws_standardized(layer)
         x = _f32(inputs)
 
-        def conv(inputs, kernel):
-            return ops.conv(inputs, kernel, strides=layer.strides, padding=layer.padding, data_format="channels_last")
+        def conv(images, kernel):
+            return ops.conv(images, kernel, strides=layer.strides, padding=layer.padding, data_format="channels_last")
 
         patch_u = positions(conv(x, u), layer.filters)  # patch_t · u_o, (B, T, filters)
         alpha = ops.sum(patch_u * g, axis=1)  # (B, filters)
