@@ -25,9 +25,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from tan_keras.ghost import (conv_per_example_grads, example_sums, matmul_grad_sq_norms, patch_gram,
-                             patch_gram_is_cheaper, per_example, position_sum_sq, positions, register_ghost_norm,
-                             shifted_inputs, sq_norms_from, use_ghost)
+from tan_keras.ghost import (cheaper_patch_gram, conv_per_example_grads, example_sums, matmul_grad_sq_norms,
+                             per_example, position_sum_sq, positions, register_ghost_norm, shifted_inputs,
+                             sq_norms_from, use_ghost)
 
 #: gamma such that ``gamma * relu(z)`` has unit variance for ``z ~ N(0, 1)``.
 #: Analytically ``Var(relu(z)) = (1 - 1/pi) / 2``, i.e. ``gamma = sqrt(2 / (1 - 1/pi))
@@ -314,11 +314,8 @@ def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
         alpha = ops.sum(patch_u * g, axis=1)  # (B, filters)
         if layer.kernel.trainable:
             w = ops.square(_f32(layer.gain) / scale)  # (γ_o/s_o)²
-            gram = None  # the patch Gram from the input's own Gram where that is cheaper (norms.patch_gram)
-            if k > 1 and patch_gram_is_cheaper(inputs.shape[1:-1], layer.kernel_size, layer.strides, layer.padding,
-                                               (1, 1)):
-                gram = lambda: patch_gram(x, layer.kernel_size, layer.strides, layer.padding,  # noqa: E731
-                                          (1, 1))
+            # The patch Gram from the input's own Gram where that is cheaper (norms.patch_gram), else None.
+            gram = cheaper_patch_gram(x, layer.kernel_size, layer.strides, layer.padding, (1, 1))
             # The blocks stand for the patches in the Gram; with `gram` and the ghost form nothing reads them.
             blocks = shifted_inputs(x, layer.kernel_size, layer.strides, layer.padding, (1, 1))
             weighted = matmul_grad_sq_norms(blocks, g * ops.sqrt(w), gram_a=gram)

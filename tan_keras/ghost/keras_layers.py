@@ -14,11 +14,10 @@ import string
 import keras
 from keras import ops
 
-from tan_keras.ghost.norms import (_f32, _trainable, example_sums, matmul_grad_sq_norms,
-                                   conv_per_example_grads as conv_per_example_grads_of,
+from tan_keras.ghost.norms import (_as_blocks, _f32, _trainable, cheaper_patch_gram, example_sums,
+                                   matmul_grad_sq_norms, conv_per_example_grads as conv_per_example_grads_of,
                                    matmul_per_example_grads, num_examples, per_example, per_example_sum_sq,
-                                   patch_gram, patch_gram_is_cheaper, position_sum_sq, positions, shifted_inputs,
-                                   sq_norms_from)
+                                   position_sum_sq, positions, shifted_inputs, sq_norms_from)
 from tan_keras.ghost.registry import register_ghost_norm, use_ghost
 from tan_keras.per_example import einsum_f32
 
@@ -74,8 +73,7 @@ def _matmul_weight_grads(kernel, bias, a, g):
     """
     grads = []
     if _trainable(kernel):
-        blocks = a if isinstance(a, (list, tuple)) else [a]
-        kernel_grad = ops.concatenate([einsum_f32("btd,btp->dp", b, g) for b in blocks], axis=0)
+        kernel_grad = ops.concatenate([einsum_f32("btd,btp->dp", b, g) for b in _as_blocks(a)], axis=0)
         grads.append((kernel, ops.reshape(kernel_grad, kernel.shape)))
     if _trainable(bias):
         grads.append((bias, ops.sum(_f32(g), axis=(0, 1))))
@@ -199,10 +197,7 @@ def _conv_blocks(layer, inputs):
 def _conv_patch_gram(layer, inputs):
     """``() -> patch_gram`` of a Conv1D/Conv2D's input where it is the cheaper Gram, else None (one per offset)."""
     x, padding = _conv_input(layer, inputs)
-    if math.prod(layer.kernel_size) == 1 or not patch_gram_is_cheaper(
-            x.shape[1:-1], layer.kernel_size, layer.strides, padding, layer.dilation_rate):
-        return None
-    return lambda: patch_gram(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+    return cheaper_patch_gram(x, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
 
 
 def _conv_output_grad(layer, output_grad):

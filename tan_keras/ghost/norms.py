@@ -268,6 +268,14 @@ def patch_gram(inputs, kernel_size, strides, padding, dilation_rate):
     return ops.reshape(total, (-1, size, size))
 
 
+def cheaper_patch_gram(inputs, kernel_size, strides, padding, dilation_rate):
+    """``() -> patch_gram(inputs, ...)`` where it is the cheaper Gram (``patch_gram_is_cheaper``; never for one
+    kernel offset), else None: a conv rule's ``gram_a`` for ``matmul_grad_sq_norms``."""
+    if not patch_gram_is_cheaper(inputs.shape[1:-1], kernel_size, strides, padding, dilation_rate):
+        return None
+    return lambda: patch_gram(inputs, kernel_size, strides, padding, dilation_rate)
+
+
 def patch_gram_is_cheaper(spatial, kernel_size, strides, padding, dilation_rate):
     """Whether ``patch_gram`` takes fewer multiply-adds than one Gram per kernel offset: ``P² < k·T²``
     (P padded input pixels, T output positions, k offsets)."""
