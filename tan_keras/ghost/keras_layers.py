@@ -14,12 +14,11 @@ import string
 import keras
 from keras import ops
 
-from tan_keras.ghost.norms import (_as_blocks, _f32, _trainable, cheaper_patch_gram, example_sums,
-                                   matmul_grad_sq_norms, conv_per_example_grads as conv_per_example_grads_of,
-                                   matmul_per_example_grads, num_examples, per_example, per_example_sum_sq,
+from tan_keras.ghost.norms import (_f32, _trainable, cheaper_patch_gram, example_sums, matmul_grad_sq_norms,
+                                   conv_per_example_grads as conv_per_example_grads_of, matmul_per_example_grads,
+                                   matmul_weight_grad, num_examples, per_example, per_example_sum_sq,
                                    position_sum_sq, positions, shifted_inputs, sq_norms_from)
 from tan_keras.ghost.registry import register_ghost_norm, use_ghost
-from tan_keras.per_example import einsum_f32
 
 
 def _no_lora_or_quantization(layer):
@@ -69,12 +68,11 @@ def _matmul_weight_grads(kernel, bias, a, g):
 
     ``a`` (B, T, d) or a list of blocks (B, T, d_j) (a conv's patches, one
     per kernel offset: one matmul each, rows of the kernel in block order),
-    ``g`` (B, T, p); products exact, sums float32 (``einsum_f32``).
+    ``g`` (B, T, p); products exact, sums float32 (``norms.matmul_weight_grad``).
     """
     grads = []
     if _trainable(kernel):
-        kernel_grad = ops.concatenate([einsum_f32("btd,btp->dp", b, g) for b in _as_blocks(a)], axis=0)
-        grads.append((kernel, ops.reshape(kernel_grad, kernel.shape)))
+        grads.append((kernel, ops.reshape(matmul_weight_grad(a, g), kernel.shape)))
     if _trainable(bias):
         grads.append((bias, ops.sum(_f32(g), axis=(0, 1))))
     return grads

@@ -136,6 +136,18 @@ def matmul_per_example_grads(a, g):
     return einsum_f32("btd,btp->bdp", a, g)
 
 
+def matmul_weight_grad(a, g):
+    """``Σ_{i,t} a_itᵀ g_it``: (d, p) a matmul's weight gradient summed over the batch, float32.
+
+    ``a`` (B, T, d) or a list of blocks (B, T, d_j) standing for their
+    concatenation (a conv's patches, one block per kernel offset: one matmul
+    each, rows in block order), ``g`` (B, T, p). 16-bit operands are
+    multiplied exactly and summed in float32 (``einsum_f32``): book-keeping's
+    share of a ghost-form layer at a 16-bit cotangent (``GhostNormRule.weight_grads``).
+    """
+    return ops.concatenate([einsum_f32("btd,btp->dp", b, g) for b in _as_blocks(a)], axis=0)
+
+
 def conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, with_sum_sq=False):
     """``(n, k·C, P)`` per-example kernel gradients of a channels-last conv (rows as ``kernel.reshape``).
 
