@@ -26,8 +26,8 @@ import numpy as np
 from keras import ops
 
 from tan_keras.ghost import (cheaper_patch_gram, conv_per_example_grads, example_sums, matmul_grad_sq_norms,
-                             per_example, position_sum_sq, positions, register_ghost_norm, shifted_inputs,
-                             sq_norms_from, use_ghost)
+                             matmul_weight_grad, per_example, position_sum_sq, positions, register_ghost_norm,
+                             shifted_inputs, sq_norms_from, use_ghost)
 
 #: gamma such that ``gamma * relu(z)`` has unit variance for ``z ~ N(0, 1)``.
 #: Analytically ``Var(relu(z)) = (1 - 1/pi) / 2``, i.e. ``gamma = sqrt(2 / (1 - 1/pi))
@@ -263,20 +263,54 @@ def scaled_ws_conv_per_example_grads(layer, inputs, output_grad):
     # Both operands in the compute dtype (bf16 under mixed precision: products exact, sums float32).
     _, plain = per_example(layer.kernel, _f32(conv_per_example_grads(
         inputs, ops.cast(output_grad, inputs.dtype), layer.kernel_size, layer.strides, layer.padding, (1, 1))))
-    alpha = ops.sum(plain * u, axis=(1, 2, 3))  # (B, filters)
-    pairs = []
-    if layer.kernel.trainable:
-        centred = plain - ops.mean(plain, axis=(1, 2, 3), keepdims=True)
-        ratio = _f32(layer.gain) / scale
-        pairs.append((layer.kernel, ratio[None, None, None, None] * (centred - alpha[:, None, None, None] * u)))
-    if layer.gain.trainable:
-        pairs.append(per_example(layer.gain, alpha))
+    pairs = _ws_chain_rule(layer, plain, u, scale)
     if layer.bias is not None and layer.bias.trainable:
         pairs.append((layer.bias, ops.sum(g, axis=1)))
     return pairs
 
 
-@register_ghost_norm(ScaledWSConv2D, per_example_grads=scaled_ws_conv_per_example_grads, views=True)
+def _ws_chain_rule(layer, plain, u, scale):
+    """``[(kernel, ∇W), (gain, ∇γ)]`` (trainable ones) from the plain conv gradient(s) ``plain``
+    (``(..., kh, kw, C, filters)``: one example's, or their sum): ``∇γ_o = α_o = ⟨G_o, u_o⟩`` and
+    ``∇W_o = (γ_o/s_o)(G_o - mean(G_o) - α_o u_o)``, the standardization's chain rule (linear in ``G``)."""
+    fan_in = (-4, -3, -2)
+    alpha = ops.sum(plain * u, axis=fan_in)  # (..., filters)
+    pairs = []
+    if layer.kernel.trainable:
+        centred = plain - ops.mean(plain, axis=fan_in, keepdims=True)
+        ratio = _f32(layer.gain) / scale
+        pairs.append((layer.kernel, ratio * (centred - ops.expand_dims(alpha, fan_in) * u)))
+    if layer.gain.trainable:
+        pairs.append((layer.gain, alpha))
+    return pairs
+
+
+def scaled_ws_conv_weight_grads(layer, inputs, cotangent):
+    """ScaledWSConv2D's ``∇W, ∇γ, ∇b`` summed over the batch at a 16-bit cotangent (book-keeping's share of a
+    ghost-form layer, ``GhostNormRule.weight_grads``).
+
+    The plain conv's kernel gradient ``G = Σ_{i,t} patch_itᵀ g_it`` comes
+    from one bf16 matmul per kernel offset with float32 sums
+    (``ghost.matmul_weight_grad``), then the standardization's chain rule,
+    the same linear map for every example, so it applies to the sum
+    (``_ws_chain_rule``). Without this rule book-keeping re-runs the layer's
+    VJP on float32 copies of its bf16 input and cotangent: the same float32
+    sums of the same products, by TF32 convolutions of twice the bytes.
+    """
+    g = positions(cotangent, layer.filters)
+    pairs = []
+    if layer.kernel.trainable or layer.gain.trainable:
+        u, scale = _ws_standardized(layer)
+        blocks = shifted_inputs(inputs, layer.kernel_size, layer.strides, layer.padding, (1, 1))
+        plain = ops.reshape(matmul_weight_grad(blocks, g), layer.kernel.shape)
+        pairs = _ws_chain_rule(layer, plain, u, scale)
+    if layer.bias is not None and layer.bias.trainable:
+        pairs.append((layer.bias, ops.sum(_f32(g), axis=(0, 1))))
+    return pairs
+
+
+@register_ghost_norm(ScaledWSConv2D, per_example_grads=scaled_ws_conv_per_example_grads, views=True,
+                     weight_grads=scaled_ws_conv_weight_grads)
 def scaled_ws_conv_sq_norms(layer, inputs, output_grad):
     """NF-ResNet scaled weight-standardized conv, ``z = conv(a, γ·u(W)) + b``.
 

@@ -483,3 +483,70 @@ def test_bf16_ghost_form_share_of_the_clipped_sum_is_the_float32_sum_of_exact_pr
     want = np.einsum("btd,tp->dp", x.astype(np.float64), u.astype(np.float64))
     got = np.asarray(ops.cast(got_sum[0], "float32"), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _ws_conv_loss_grads_f64(kernel, gain, eps, plain):
+    """float64 ``(∇W, ∇γ)`` of ``L = Σ_o ⟨G_o, Ŵ_o⟩``, ``Ŵ = γ (W - mean) / sqrt(Σ(W - mean)² + eps)`` per output
+    channel, by central differences of that formula (not its chain rule): ``plain`` is G = ∂L/∂Ŵ."""
+    def loss(w, g):  # w (m, fan_in), g (m,): one value per row
+        centred = w - w.mean(axis=1, keepdims=True)
+        return g * np.sum(flat_plain[None] * centred / np.sqrt(np.sum(centred**2, axis=1, keepdims=True) + eps),
+                          axis=1)
+
+    fan_in = int(np.prod(kernel.shape[:3]))
+    grad_w, grad_gain, h = np.zeros((kernel.shape[-1], fan_in)), np.zeros(kernel.shape[-1]), 1e-5
+    for o in range(kernel.shape[-1]):
+        w = kernel[..., o].reshape(-1).astype(np.float64)
+        flat_plain = plain[..., o].reshape(-1)
+        steps = h * np.eye(fan_in)
+        grad_w[o] = (loss(w + steps, gain[o]) - loss(w - steps, gain[o])) / (2 * h)
+        grad_gain[o] = (loss(w[None], gain[o] + h) - loss(w[None], gain[o] - h))[0] / (2 * h)
+    return np.moveaxis(grad_w.reshape((kernel.shape[-1],) + kernel.shape[:3]), 0, -1), grad_gain
+
+
+def test_bf16_ghost_form_ws_conv_share_of_the_clipped_sum_is_the_float32_sum_through_the_standardization():
+    """A bf16 ScaledWSConv2D in the ghost form: its rule's weight gradients at a 16-bit cotangent (one bf16
+    matmul per kernel offset with float32 sums, then the standardization's chain rule) and the clipped sum that
+    book-keeping takes from them equal float64 numpy: the plain conv gradient of the same bf16 values, pushed
+    through the standardization by central differences. Strided, "same" padding, a bias, gains ≠ 1."""
+    import ml_dtypes
+    from keras import ops
+
+    from models.layers import ScaledWSConv2D
+    from tan_keras.ghost import registry
+
+    side, channels, filters, batch = 5, 32, 32, 3
+    out_side = 3  # stride 2, "same": TF pads 1 before and 1 after
+    assert registry.use_ghost(out_side * out_side, 9 * channels, filters)
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(2)
+    u = rng.normal(size=(out_side, out_side, filters)).astype(bf16).astype("float32")  # ∂ℓ/∂z per example
+    x = rng.normal(size=(batch, side, side, channels)).astype(bf16).astype("float32")
+    inputs = keras.Input((side, side, channels))
+    layer = ScaledWSConv2D(filters, 3, strides=2, padding="same", dtype="mixed_bfloat16")
+    z = layer(inputs)
+    readout = _Readout(u.reshape(out_side, out_side * filters), dtype="mixed_bfloat16")
+    model = keras.Model(inputs, readout(keras.layers.Reshape((out_side, out_side * filters),
+                                                             dtype="mixed_bfloat16")(z)))
+    layer.gain.assign(rng.uniform(0.5, 2.0, size=(filters,)).astype("float32"))
+    layer.bias.assign(rng.normal(size=(filters,)).astype("float32"))
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    plain = np.stack([np.stack([np.einsum("bhwc,hwp->cp", padded[:, a:a + 5:2, b:b + 5:2], u)
+                                for b in range(3)]) for a in range(3)])
+    want_kernel, want_gain = _ws_conv_loss_grads_f64(np.asarray(layer.kernel, np.float64),
+                                                     np.asarray(layer.gain, np.float64), layer.eps, plain)
+    want = [want_kernel, want_gain, batch * u.astype(np.float64).sum(axis=(0, 1))]
+
+    rule = registry.rule_for(layer)
+    assert rule.weight_grads is not None
+    cotangent = ops.cast(np.broadcast_to(u, (batch,) + u.shape), "bfloat16")
+    shares = rule.weight_grads(layer, ops.cast(x, "bfloat16"), cotangent)
+    assert [v.path for v, _ in shares] == [v.path for v in (layer.kernel, layer.gain, layer.bias)]
+    private = tan_keras.make_private(model, clipping="ghost")
+    private.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                    loss=lambda y_true, y_pred: y_pred[:, 0])
+    got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(private, x, np.zeros((batch, 1)), 1e9)  # no clipping
+    for (_, share), summed, expected in zip(shares, got_sum, want):
+        for got in (share, summed):
+            got = np.asarray(ops.cast(got, "float32"), np.float64)
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
