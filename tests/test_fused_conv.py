@@ -54,6 +54,7 @@ GEOMETRIES = [  # (rows n·K, spatial, C, P, kernel, strides, padding, dilation,
     ((1, (17, 17), 16, 16, (3, 3), (1, 1), "same", (1, 1), 1)),  # 289 positions: steps of 32, the last ragged
     ((2, (6, 6), 3, 16, (3, 3), (1, 1), "same", (1, 1), 1)),  # an RGB stem: channels zero-padded to 16
     ((2, (7, 6), 3, 10, (3, 3), (2, 2), "same", (1, 1), 2)),  # and filters padded too, strided
+    ((1, (6, 6), 64, 64, (7, 7), (1, 1), "same", (1, 1), 1)),  # a 7×7 window of 64 channels, one program per row
 ]
 
 

@@ -70,13 +70,18 @@ _MODES = ("auto", "off", "interpret")
 _FP32_MAX_CHANNELS = 64
 
 
-def _time_block(positions):
-    """Output positions per step: 64 where a program's loop is short, else 32.
+def _time_block(positions, layout):
+    """Output positions per step: 64 where a "shift" program's loop is short, else 32.
 
-    On an H200 (B = 1,024, bf16, 3×3): 128→128 @16² (256 positions) 0.522 ms
-    at 32, 0.420 at 64; 64→64 @32² 0.406 at 32, 0.468 at 64.
+    On an H200 (B = 1,024, bf16, 3×3, ms): 128→128 @16² (256 positions,
+    "shift") 0.420 at 64, 0.522 at 32; 64→64 @32² 0.406 at 32, 0.468 at 64.
+    A "gather" layout (strides) takes 32 whatever the length: 64→128 @32²
+    stride 2 (256 positions) 0.333 at 32 against 0.474 at 64 alone (the
+    2026-12-02 sweep, docs/benchmarks/h200_2026-12-02). In a whole step it
+    did not show: WRN-16-4's bf16 ghost step (two such layers) ran at 71.7k
+    ex/s with it and 73.6k without, within the calls' spread.
     """
-    return 64 if positions <= 256 else 32
+    return 64 if positions <= 256 and layout == "shift" else 32
 
 
 def _mode():
@@ -114,8 +119,8 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
       time_block, block, row_programs, num_warps, num_stages: the tiling (output
         positions per step, largest channel block, both powers of two; one
         window row or one offset per program) and Triton's launch parameters.
-        ``time_block=None``: 64 for short loops (≤ 256 positions per example
-        and channel block), else 32 (``_time_block``).
+        ``time_block=None``: 64 for short loops of the "shift" layout (≤ 256
+        positions per example and channel block), else 32 (``_time_block``).
 
     The rows of ``grads`` follow ``kernel.reshape(k_h·k_w·C, P)``, so
     ``reshape(grads, (n,) + kernel.shape)`` is the per-example kernel gradient.
@@ -157,22 +162,20 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     kh, kw = kernel_size
     (sh, sw), (dh, dw) = strides, dilation_rate
     positions = out_h * out_w
-    time_block = time_block or _time_block(views * positions)
-    num_t = -(-positions // time_block)
-    gf = g.reshape(rows, positions, wide_p)  # natural layout (a free reshape); the last tile is masked
-    xf = x.reshape(rows, height * width, wide_c)
     # Stride 1 with the input's row width ("same"): offset (a, b) is the constant shift of the flat position
     # (a·d_h − pad_top)·W + b·d_w − pad_left, so its pixels are one contiguous slice of the flat input,
     # zero-padded before and after (rows outside the image read zeros; columns outside it are masked).
     # Otherwise each pixel's index is computed and gathered.
-    if (sh, sw) == (1, 1) and out_w == width:
+    layout = "shift" if (sh, sw) == (1, 1) and out_w == width else "gather"
+    per_program = kw if row_programs else 1
+    time_block = time_block or _time_block(views * positions, layout)
+    num_t = -(-positions // time_block)
+    gf = g.reshape(rows, positions, wide_p)  # natural layout (a free reshape); the last tile is masked
+    xf = x.reshape(rows, height * width, wide_c)
+    if layout == "shift":
         front = pads[0][0] * width + pads[1][0]
         last_shift = ((kh - 1) * dh - pads[0][0]) * width + (kw - 1) * dw - pads[1][0]
         xf = jnp.pad(xf, ((0, 0), (front, num_t * time_block - positions + max(last_shift, 0)), (0, 0)))
-        layout = "shift"
-    else:
-        layout = "gather"
-    per_program = kw if row_programs else 1
     kernel = functools.partial(
         _kernel, views=views, num_t=num_t, time_block=time_block, bc=bc, bp=bp, kw=kw, per_program=per_program,
         layout=layout,
