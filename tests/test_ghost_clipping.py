@@ -488,19 +488,17 @@ def test_bf16_ghost_form_share_of_the_clipped_sum_is_the_float32_sum_of_exact_pr
 def _ws_conv_loss_grads_f64(kernel, gain, eps, plain):
     """float64 ``(∇W, ∇γ)`` of ``L = Σ_o ⟨G_o, Ŵ_o⟩``, ``Ŵ = γ (W - mean) / sqrt(Σ(W - mean)² + eps)`` per output
     channel, by central differences of that formula (not its chain rule): ``plain`` is G = ∂L/∂Ŵ."""
-    def loss(w, g):  # w (m, fan_in), g (m,): one value per row
+    def loss(w, g, plain_o):  # w (m, fan_in), the channel's gain g and plain gradient (fan_in,): one value per row
         centred = w - w.mean(axis=1, keepdims=True)
-        return g * np.sum(flat_plain[None] * centred / np.sqrt(np.sum(centred**2, axis=1, keepdims=True) + eps),
-                          axis=1)
+        return g * np.sum(plain_o * centred / np.sqrt(np.sum(centred**2, axis=1, keepdims=True) + eps), axis=1)
 
     fan_in = int(np.prod(kernel.shape[:3]))
     grad_w, grad_gain, h = np.zeros((kernel.shape[-1], fan_in)), np.zeros(kernel.shape[-1]), 1e-5
+    steps = h * np.eye(fan_in)
     for o in range(kernel.shape[-1]):
-        w = kernel[..., o].reshape(-1).astype(np.float64)
-        flat_plain = plain[..., o].reshape(-1)
-        steps = h * np.eye(fan_in)
-        grad_w[o] = (loss(w + steps, gain[o]) - loss(w - steps, gain[o])) / (2 * h)
-        grad_gain[o] = (loss(w[None], gain[o] + h) - loss(w[None], gain[o] - h))[0] / (2 * h)
+        w, plain_o = kernel[..., o].reshape(-1), plain[..., o].reshape(-1)
+        grad_w[o] = (loss(w + steps, gain[o], plain_o) - loss(w - steps, gain[o], plain_o)) / (2 * h)
+        grad_gain[o] = (loss(w[None], gain[o] + h, plain_o) - loss(w[None], gain[o] - h, plain_o))[0] / (2 * h)
     return np.moveaxis(grad_w.reshape((kernel.shape[-1],) + kernel.shape[:3]), 0, -1), grad_gain
 
 
