@@ -428,33 +428,41 @@ def test_bf16_book_keeping_clips_ordinary_examples_to_the_margin_reduced_norm_wi
     assert np.linalg.norm(got - want) < 0.08 * np.linalg.norm(want)
 
 
-def test_bf16_ghost_form_conv_share_of_the_clipped_sum_is_the_float32_sum_of_exact_products():
-    """The same for a Conv2D in the ghost form (its rule's one matmul per kernel offset), against float64 numpy:
-    strided, "same" padding, with a bias."""
+def _bf16_strided_conv_case(layer, seed):
+    """A 3×3, stride-2, "same" conv ``layer`` of 32 filters (mixed_bfloat16) on 5×5×32 inputs, in the ghost form,
+    under a fixed readout (``∂ℓ/∂z = u``): ``(private model, x, u, plain)`` with ``x`` and ``u`` exact in bf16
+    and ``plain`` the float64 kernel gradient ``Σ_i patches_iᵀ u`` (TF pads 1 before and 1 after)."""
     import ml_dtypes
-    from keras import ops
 
     from tan_keras.ghost import registry
 
-    side, channels, filters, batch = 5, 32, 32, 3
-    out_side = 3  # stride 2, "same": ceil(5 / 2); TF pads 1 before and 1 after
+    side, channels, filters, batch, out_side = 5, 32, 32, 3, 3
     assert registry.use_ghost(out_side * out_side, 9 * channels, filters)
     bf16 = ml_dtypes.bfloat16
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     u = rng.normal(size=(out_side, out_side, filters)).astype(bf16).astype("float32")  # ∂ℓ/∂z per example
     x = rng.normal(size=(batch, side, side, channels)).astype(bf16).astype("float32")
     inputs = keras.Input((side, side, channels))
-    z = keras.layers.Conv2D(filters, 3, strides=2, padding="same", dtype="mixed_bfloat16")(inputs)
     readout = _Readout(u.reshape(out_side, out_side * filters), dtype="mixed_bfloat16")
-    model = tan_keras.make_private(
-        keras.Model(inputs, readout(keras.layers.Reshape((out_side, out_side * filters), dtype="mixed_bfloat16")(z))),
-        clipping="ghost")
+    reshape = keras.layers.Reshape((out_side, out_side * filters), dtype="mixed_bfloat16")
+    model = tan_keras.make_private(keras.Model(inputs, readout(reshape(layer(inputs)))), clipping="ghost")
     model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
                   loss=lambda y_true, y_pred: y_pred[:, 0])
-    got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(model, x, np.zeros((batch, 1)), 1e9)  # no clipping
     padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    want_kernel = np.stack([np.stack([np.einsum("bhwc,hwp->cp", padded[:, a:a + 5:2, b:b + 5:2], u)
-                                      for b in range(3)]) for a in range(3)])
+    plain = np.stack([np.stack([np.einsum("bhwc,hwp->cp", padded[:, a:a + 5:2, b:b + 5:2], u)
+                                for b in range(3)]) for a in range(3)])
+    return model, x, u, plain
+
+
+def test_bf16_ghost_form_conv_share_of_the_clipped_sum_is_the_float32_sum_of_exact_products():
+    """The same for a Conv2D in the ghost form (its rule's one matmul per kernel offset), against float64 numpy:
+    strided, "same" padding, with a bias."""
+    from keras import ops
+
+    layer = keras.layers.Conv2D(32, 3, strides=2, padding="same", dtype="mixed_bfloat16")
+    model, x, u, want_kernel = _bf16_strided_conv_case(layer, seed=1)
+    batch = x.shape[0]
+    got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(model, x, np.zeros((batch, 1)), 1e9)  # no clipping
     for got, want in [(got_sum[0], want_kernel), (got_sum[1], batch * u.astype(np.float64).sum(axis=(0, 1)))]:
         got = np.asarray(ops.cast(got, "float32"), np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -507,30 +515,16 @@ def test_bf16_ghost_form_ws_conv_share_of_the_clipped_sum_is_the_float32_sum_thr
     matmul per kernel offset with float32 sums, then the standardization's chain rule) and the clipped sum that
     book-keeping takes from them equal float64 numpy: the plain conv gradient of the same bf16 values, pushed
     through the standardization by central differences. Strided, "same" padding, a bias, gains ≠ 1."""
-    import ml_dtypes
     from keras import ops
 
     from models.layers import ScaledWSConv2D
     from tan_keras.ghost import registry
 
-    side, channels, filters, batch = 5, 32, 32, 3
-    out_side = 3  # stride 2, "same": TF pads 1 before and 1 after
-    assert registry.use_ghost(out_side * out_side, 9 * channels, filters)
-    bf16 = ml_dtypes.bfloat16
-    rng = np.random.default_rng(2)
-    u = rng.normal(size=(out_side, out_side, filters)).astype(bf16).astype("float32")  # ∂ℓ/∂z per example
-    x = rng.normal(size=(batch, side, side, channels)).astype(bf16).astype("float32")
-    inputs = keras.Input((side, side, channels))
-    layer = ScaledWSConv2D(filters, 3, strides=2, padding="same", dtype="mixed_bfloat16")
-    z = layer(inputs)
-    readout = _Readout(u.reshape(out_side, out_side * filters), dtype="mixed_bfloat16")
-    model = keras.Model(inputs, readout(keras.layers.Reshape((out_side, out_side * filters),
-                                                             dtype="mixed_bfloat16")(z)))
-    layer.gain.assign(rng.uniform(0.5, 2.0, size=(filters,)).astype("float32"))
-    layer.bias.assign(rng.normal(size=(filters,)).astype("float32"))
-    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    plain = np.stack([np.stack([np.einsum("bhwc,hwp->cp", padded[:, a:a + 5:2, b:b + 5:2], u)
-                                for b in range(3)]) for a in range(3)])
+    layer = ScaledWSConv2D(32, 3, strides=2, padding="same", dtype="mixed_bfloat16")
+    private, x, u, plain = _bf16_strided_conv_case(layer, seed=2)
+    batch, rng = x.shape[0], np.random.default_rng(3)
+    layer.gain.assign(rng.uniform(0.5, 2.0, size=(32,)).astype("float32"))
+    layer.bias.assign(rng.normal(size=(32,)).astype("float32"))
     want_kernel, want_gain = _ws_conv_loss_grads_f64(np.asarray(layer.kernel, np.float64),
                                                      np.asarray(layer.gain, np.float64), layer.eps, plain)
     want = [want_kernel, want_gain, batch * u.astype(np.float64).sum(axis=(0, 1))]
@@ -540,9 +534,6 @@ def test_bf16_ghost_form_ws_conv_share_of_the_clipped_sum_is_the_float32_sum_thr
     cotangent = ops.cast(np.broadcast_to(u, (batch,) + u.shape), "bfloat16")
     shares = rule.weight_grads(layer, ops.cast(x, "bfloat16"), cotangent)
     assert [v.path for v, _ in shares] == [v.path for v in (layer.kernel, layer.gain, layer.bias)]
-    private = tan_keras.make_private(model, clipping="ghost")
-    private.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
-                    loss=lambda y_true, y_pred: y_pred[:, 0])
     got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(private, x, np.zeros((batch, 1)), 1e9)  # no clipping
     for (_, share), summed, expected in zip(shares, got_sum, want):
         for got in (share, summed):
