@@ -1,11 +1,11 @@
-"""Per-example weight gradients of one 3×3 conv: XLA's patches path, the fused Pallas kernel, cuDNN's summed wgrad.
+"""Per-example weight gradients of one conv: XLA's patches path, the fused Pallas kernel, cuDNN's summed wgrad.
 
     KERAS_BACKEND=jax python -m experiments.benchmark_conv_kernel --batch_size=1024 \
-        --shapes=32x64x64,16x128x128,32x16x64,32x64x128s2 --output_json=conv_kernel.json
+        --shapes=32x64x64,16x128x128,32x16x64,32x64x128s2,224x3x64s2k7 --output_json=conv_kernel.json
 
-For each ``HxCxP[sS]`` (input side, input channels, filters, stride S,
-default 1; "same" padding) and dtype, times (jitted, median of 20, less an
-empty jitted call):
+For each ``HxCxP[sS][kK]`` (input side, input channels, filters, stride S,
+default 1, a K×K window, default 3; "same" padding) and dtype, times
+(jitted, median of 20, less an empty jitted call):
 
 * ``xla patches``: what the ghost step does without the kernel
   (``shifted_inputs`` blocks concatenated, one batched matmul);
@@ -13,7 +13,12 @@ empty jitted call):
   sum over the batch, not per example): the floor the per-example path is
   measured against;
 * ``fused ...``: ``fused_conv_per_example_grads`` with each ``--configs``
-  tiling ``time_block:block:rows:num_warps:num_stages``.
+  tiling ``time_block:block:rows:num_warps:num_stages`` (16-bit inputs of
+  fewer than 16 channels take the kernel's packed rows, ``conv_grads._packed_rows``,
+  where the tiling's ``time_block`` and ``rows`` do not apply; ``fused
+  padded-C`` is the same input through the unpacked kernel, its channels
+  zero-padded to 16, the path such inputs took before; float32 inputs are
+  never packed).
 
 ``sum_sq_err``: the kernel's own square sum of example 0 against that of
 the gradients it returned (relative). ``err_vs_f64`` is each per-example result's largest error on example 0
@@ -41,7 +46,7 @@ def _define_flags():
     """Flags, defined only when run as a binary (a test imports ``run``)."""
     flags.DEFINE_integer("batch_size", 1024, "Examples.")
     flags.DEFINE_list("shapes", ["32x64x64", "16x128x128", "32x16x64", "32x64x128s2"],
-                      "HxCxP[sS]: input side, channels, filters, stride.")
+                      "HxCxP[sS][kK]: input side, channels, filters, stride, window side.")
     flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Operand dtypes.")
     flags.DEFINE_list("configs", DEFAULT_CONFIGS, "Kernel tilings time_block:block:rows:num_warps:num_stages.")
     flags.DEFINE_bool("interpret", False, "Run the kernel in Pallas's interpreter.")
@@ -49,18 +54,18 @@ def _define_flags():
     flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
 
 
-def _example0_f64(x, g, stride):
-    """float64 numpy ``(9·C, P)`` kernel gradient of example 0 (3×3, "same", ``stride``)."""
+def _example0_f64(x, g, stride, k):
+    """float64 numpy ``(k²·C, P)`` kernel gradient of example 0 (k×k, "same", ``stride``)."""
     import numpy as np
 
     from tan_keras.ghost.norms import conv_padding
 
     x0, g0 = np.asarray(x[0], np.float64), np.asarray(g[0], np.float64)
-    pads, (out, _) = conv_padding(x0.shape[:2], (3, 3), (stride, stride), "same", (1, 1))
+    pads, (out, _) = conv_padding(x0.shape[:2], (k, k), (stride, stride), "same", (1, 1))
     padded = np.pad(x0, pads + [[0, 0]])
     span = stride * (out - 1) + 1
     return np.concatenate([np.einsum("hwc,hwp->cp", padded[a:a + span:stride, b:b + span:stride], g0)
-                           for a in range(3) for b in range(3)])
+                           for a in range(k) for b in range(k)])
 
 
 def run(batch_size, shapes, dtypes, configs, repeats=20):
@@ -73,13 +78,16 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
     import numpy as np
 
     from tan_keras.ghost.norms import matmul_per_example_grads, shifted_inputs
+    from tan_keras.per_example.jax import conv_grads
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
     empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
     rows = []
     for shape in shapes:
-        shape_only, _, stride = shape.partition("s")
+        shape_only, _, window = shape.partition("k")
+        shape_only, _, stride = shape_only.partition("s")
         side, channels, filters = (int(v) for v in shape_only.split("x"))
+        k = int(window or 3)
         strides = (int(stride or 1),) * 2
         out_side = -(-side // strides[0])
         for dtype in dtypes:
@@ -87,25 +95,29 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
             x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
             g = jnp.asarray(rng.normal(size=(batch_size, out_side, out_side, filters)), dtype)
             launch = median_ms(empty, x, g, repeats=repeats)
-            want = _example0_f64(x, g, strides[0])
+            want = _example0_f64(x, g, strides[0], k)
 
             def patches(x, g):
-                blocks = shifted_inputs(x, (3, 3), strides, "same", (1, 1))
+                blocks = shifted_inputs(x, (k, k), strides, "same", (1, 1))
                 return matmul_per_example_grads(blocks, g.reshape(g.shape[0], -1, g.shape[-1]))
 
             def summed(x, g):
                 def conv(kernel):
                     return jax.lax.conv_general_dilated(x, kernel, strides, "SAME",
                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                return jax.vjp(conv, jnp.zeros((3, 3, channels, filters), x.dtype))[1](g)[0]
+                return jax.vjp(conv, jnp.zeros((k, k, channels, filters), x.dtype))[1](g)[0]
 
             methods = [("xla patches", patches), ("cudnn summed wgrad", summed)]
             for config in configs:
                 time_block, block, rows_flag, warps, stages = (int(v) for v in config.split(":"))
                 methods.append((f"fused {config}", functools.partial(
-                    fused_conv_per_example_grads, kernel_size=(3, 3), strides=strides, padding="same",
+                    fused_conv_per_example_grads, kernel_size=(k, k), strides=strides, padding="same",
                     dilation_rate=(1, 1), time_block=time_block, block=block, row_programs=bool(rows_flag),
                     num_warps=warps, num_stages=stages)))
+            if dtype != "float32" and conv_grads._packed_rows(channels, k) is not None:
+                methods.append(("fused padded-C", _unpacked(functools.partial(
+                    fused_conv_per_example_grads, kernel_size=(k, k), strides=strides, padding="same",
+                    dilation_rate=(1, 1)))))
             for name, fn in methods:
                 fn = jax.jit(fn)
                 out = fn(x, g)
@@ -123,6 +135,21 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
                 rows.append(dict(shape=shape, dtype=dtype, method=name, ms=round(ms, 3), err_vs_f64=err,
                                  sum_sq_err=sq_err))
     return rows
+
+
+def _unpacked(fn):
+    """``fn`` traced with the kernel's row packing switched off (its channels zero-padded to 16 instead)."""
+    from tan_keras.per_example.jax import conv_grads
+
+    def call(x, g):
+        packed_rows = conv_grads._packed_rows
+        conv_grads._packed_rows = lambda channels, kw: None
+        try:
+            return fn(x, g)
+        finally:
+            conv_grads._packed_rows = packed_rows
+
+    return call
 
 
 def main(argv):

@@ -209,12 +209,17 @@ def test_conv_kernel_benchmark_reports_every_method_with_float32_accurate_result
     from experiments import benchmark_conv_kernel
 
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
-    rows = benchmark_conv_kernel.run(2, ["6x16x16", "7x16x16s2"], ["float32"], ["16:16:1:4:3", "16:16:0:4:3"],
-                                     repeats=1)
-    assert [r["method"] for r in rows] == 2 * ["xla patches", "cudnn summed wgrad", "fused 16:16:1:4:3",
-                                               "fused 16:16:0:4:3"]
+    rows = benchmark_conv_kernel.run(2, ["6x16x16", "7x16x16s2", "9x3x16s2k7"], ["float32"],
+                                     ["16:16:1:4:3", "16:16:0:4:3"], repeats=1)
+    methods = ["xla patches", "cudnn summed wgrad", "fused 16:16:1:4:3", "fused 16:16:0:4:3"]
+    assert [r["method"] for r in rows] == 3 * methods
     assert all(r["ms"] is not None for r in rows)
     assert all(r["err_vs_f64"] < 1e-5 for r in rows if r["method"] != "cudnn summed wgrad")
+    # A bf16 RGB stem (7×7, stride 2): the packed rows, and the zero-padded channels they replace, each within
+    # bf16 storage rounding of float64.
+    rows = benchmark_conv_kernel.run(2, ["9x3x16s2k7"], ["bfloat16"], ["16:16:1:4:3"], repeats=1)
+    assert [r["method"] for r in rows] == methods[:3] + ["fused padded-C"]
+    assert all(r["err_vs_f64"] < 2.0**-7 for r in rows if r["method"] != "cudnn summed wgrad")
 
 
 def test_benchmark_rounds_report_each_modes_median_round_and_keep_every_round():

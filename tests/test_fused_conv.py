@@ -56,6 +56,16 @@ GEOMETRIES = [  # (rows n·K, spatial, C, P, kernel, strides, padding, dilation,
     ((2, (7, 6), 3, 10, (3, 3), (2, 2), "same", (1, 1), 2)),  # and filters padded too, strided
     ((1, (6, 6), 64, 64, (7, 7), (1, 1), "same", (1, 1), 1)),  # a 7×7 window of 64 channels, one program per row
 ]
+# Fewer than 16 channels: 16-bit inputs pack each window row's (k_w, C) into one inner side
+# (conv_grads._packed_rows); float32 ones take the geometries above, their channels zero-padded.
+NARROW = [
+    ((2, (6, 6), 3, 16, (3, 3), (1, 1), "same", (1, 1), 1)),  # WRN's RGB stem: 9 → 16
+    ((2, (7, 6), 3, 10, (3, 3), (2, 2), "same", (1, 1), 2)),  # filters padded too, strided, AugMult
+    ((2, (11, 10), 3, 16, (7, 7), (2, 2), "same", (1, 1), 1)),  # NF-ResNet's RGB stem (7×7, stride 2): 21 → 32
+    ((4, (11, 8), 8, 32, (5, 3), (1, 2), "valid", (2, 1), 2)),  # dilated rows, a stride, AugMult: 24 → 32
+    ((2, (13,), 4, 16, (5,), (1,), "same", (2,), 1)),  # Conv1D, dilated: 20 → 32
+    ((1, (17, 17), 3, 16, (3, 3), (1, 1), "same", (1, 1), 1)),  # 289 positions: the last step ragged
+]
 
 
 @pytest.mark.parametrize("rows,spatial,channels,filters,kernel_size,strides,padding,dilation,views", GEOMETRIES)
@@ -63,22 +73,55 @@ def test_fused_kernel_equals_a_one_example_loop_of_the_conv_vjp(rows, spatial, c
                                                                  strides, padding, dilation, views, monkeypatch):
     import jax.numpy as jnp
 
+    from tan_keras.per_example.jax import conv_grads
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    packed_calls = []
+    original_packed = conv_grads._packed_call
+    monkeypatch.setattr(conv_grads, "_packed_call", lambda *a, **k: packed_calls.append(1) or original_packed(*a, **k))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), jnp.float32)
     out_shape = _conv(x, jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation, strides).shape
     g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
     got, got_sq = fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
     assert got.dtype == jnp.float32 and got_sq.dtype == jnp.float32
+    assert not packed_calls  # float32: channels zero-padded, never packed
     want = _loop_kernel_grads(x, g, kernel_size, strides, padding, dilation, views)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # The square sums the kernel adds up from its own tiles are those of the loop's gradients.
     np.testing.assert_allclose(np.asarray(got_sq, np.float64), np.sum(np.square(want), axis=(1, 2)), rtol=1e-5)
 
 
-def test_fused_kernel_sums_bf16_products_in_float32_and_stores_them_rounded_once(monkeypatch):
+@pytest.mark.parametrize("rows,spatial,channels,filters,kernel_size,strides,padding,dilation,views", NARROW)
+def test_packed_rows_of_a_narrow_bf16_input_equal_a_one_example_loop(rows, spatial, channels, filters, kernel_size,
+                                                                     strides, padding, dilation, views, monkeypatch):
+    """A bf16 input of fewer than 16 channels goes through the packed rows; each stored gradient is the loop's
+    (float32 convs of the same bf16 values) within one bf16 rounding, and its square sum that of the stored values."""
+    import jax.numpy as jnp
+
+    from tan_keras.per_example.jax import conv_grads
+
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    packed_calls = []
+    original_packed = conv_grads._packed_call
+    monkeypatch.setattr(conv_grads, "_packed_call", lambda *a, **k: packed_calls.append(1) or original_packed(*a, **k))
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), jnp.bfloat16)
+    out_shape = _conv(x.astype(jnp.float32), jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation,
+                      strides).shape
+    g = jnp.asarray(rng.normal(size=out_shape), jnp.bfloat16)
+    got, got_sq = conv_grads.fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
+    assert packed_calls and got.dtype == jnp.bfloat16 and got_sq.dtype == jnp.float32
+    want = _loop_kernel_grads(x.astype(jnp.float32), g.astype(jnp.float32), kernel_size, strides, padding, dilation,
+                              views)
+    got = np.asarray(got, np.float64)
+    np.testing.assert_allclose(got, want, rtol=2.0**-8, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got_sq, np.float64), np.sum(np.square(got), axis=(1, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [16, 3])  # 3: the packed rows of an RGB stem
+def test_fused_kernel_sums_bf16_products_in_float32_and_stores_them_rounded_once(channels, monkeypatch):
     """bf16 inputs: each stored gradient is the float64 sum of the same bf16 values rounded to bf16 (within one
     ulp where the float32 sum sits at a rounding boundary; a bf16-accumulated sum is many ulps off), and the
     square sum that comes with them is that of the stored values (what the clipped sum adds)."""
@@ -89,7 +132,7 @@ def test_fused_kernel_sums_bf16_products_in_float32_and_stores_them_rounded_once
 
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, channels)), jnp.bfloat16)
     g = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
     grads, sum_sq = fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1))
     assert grads.dtype == jnp.bfloat16 and sum_sq.dtype == jnp.float32

@@ -40,7 +40,12 @@ sums them in float32), and the gradients take half the memory and traffic
 per step, written once and read once; on an H200 the step went from 59.5k
 to 66.8k ex/s and its peak memory from 4.66 to 2.49 GB, README). Channels
 that are not a multiple of 16 (an RGB stem's 3) are zero-padded to one
-first: the padded rows of ``∇W_i`` are 0.
+first: the padded rows of ``∇W_i`` are 0. Narrower 16-bit inputs (fewer
+than 16 channels, as an RGB stem's 3) are instead *packed*: the ``k_w·C`` pixels
+and channels of one window row form the matmul's inner side, padded once to
+a power of two (a 7×7 stem on RGB: 21 → 32 instead of 7 offsets of
+3 → 16 each, 3.5× fewer multiply-adds and gathered values;
+``_packed_rows``).
 
 ``fused_conv_per_example_grads`` returns None where the kernel does not apply
 (not a GPU, fp32 layers wider than 64 channels, where cuBLAS is faster,
@@ -154,10 +159,14 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     if max(rows * height * width * wide_c, rows * out_h * out_w * wide_p,
            (rows // views) * math.prod(kernel_size) * wide_c * wide_p) >= 2**31:
         return None  # the kernel's element offsets are int32
-    if wide_c != channels:
-        x = jnp.pad(x, ((0, 0),) * 3 + ((0, wide_c - channels),))
     if wide_p != filters:
         g = jnp.pad(g, ((0, 0),) * 3 + ((0, wide_p - filters),))
+    packed = _packed_rows(channels, kernel_size[1]) if x.dtype != jnp.float32 else None
+    if packed is not None:
+        return _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, views, packed,
+                            _block(wide_p, block), num_warps, num_stages, filters)
+    if wide_c != channels:
+        x = jnp.pad(x, ((0, 0),) * 3 + ((0, wide_c - channels),))
     n = rows // views
     kh, kw = kernel_size
     (sh, sw), (dh, dw) = strides, dilation_rate
@@ -201,6 +210,110 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     if (wide_c, wide_p) != (channels, filters):
         out = out[:, :, :channels, :filters]
     return out.reshape(n, kh * kw * channels, filters), jnp.sum(tile_sq, axis=(1, 2, 3))
+
+
+def _packed_rows(channels, kw):
+    """The inner side of a packed window row: ``k_w·C`` rounded up to a power of two (Triton's tile sides), ≥ 16,
+    where that is smaller than ``k_w`` offsets of 16 padded channels (else None).
+
+    Only inputs of fewer than 16 channels are packed (the RGB stems: NF-ResNet's
+    7×7 stride-2 conv on 3 channels, WRN's 3×3 one): there each offset's
+    zero-padded channels cost ``16/C`` times the useful multiply-adds. And
+    only 16-bit ones. On an H200 (docs/benchmarks/h200_2026-12-02b), NF-ResNet-50's
+    stem (224², 3 → 64, B = 128) took 0.81 / 0.76 ms packed against 1.50 / 1.42
+    with padded channels in bf16 (two calls), and WRN-16-4's (32², 3 → 16,
+    B = 1,024) 0.17 against 0.22. In float32 (TF32) the NF stem took 4.1 ms
+    packed at the default 64-filter tiles, 1.96 at 32, against 2.68 padded; the
+    whole fp32 step with the 64-filter tiles was 7–10% slower in two A/B calls,
+    more than the kernel alone explains, so float32 keeps the padded channels
+    until a step measures the 32-filter tiles.
+    """
+    if channels >= 16:
+        return None
+    packed = max(16, 1 << (kw * channels - 1).bit_length())
+    return packed if packed < kw * 16 else None
+
+
+def _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, views, packed, bp, num_warps,
+                 num_stages, filters):
+    """``fused_conv_per_example_grads`` with each window row's ``(k_w, C)`` pixels and channels as one inner side.
+
+    One program computes the ``(packed × bp)`` tile of one window row ``a`` of
+    one example: ``Σ_t X_a[t]ᵀ g[t]`` where row ``m = b·C + c`` of ``X_a[t]``
+    is channel ``c`` of input pixel ``(h·s_h + a·d_h − pad_top,
+    w·s_w + b·d_w − pad_left)`` (0 where that is padding or ``m ≥ k_w·C``),
+    gathered by computed index. Its rows are those of the kernel's
+    ``(k_h, k_w, C, P)`` layout, so the output needs no reordering.
+    """
+    rows, height, width, channels = x.shape
+    out_h, out_w, wide_p = g.shape[1], g.shape[2], g.shape[3]
+    kh, kw = kernel_size
+    n, positions = rows // views, out_h * out_w
+    time_block = 32
+    num_t = -(-positions // time_block)
+    kernel = functools.partial(
+        _packed_kernel, views=views, num_t=num_t, time_block=time_block, bp=bp, packed=packed,
+        geometry=(height, width, channels, kw, out_w, positions, strides, dilation_rate, pads[0][0], pads[1][0]),
+        precision=_precision(x.dtype))
+    call_kwargs = {}
+    if mode == "interpret":
+        call_kwargs["interpret"] = True
+    else:
+        from jax.experimental.pallas import triton as plgpu
+        call_kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out, tile_sq = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((n, kh, packed, wide_p), x.dtype),
+                   jax.ShapeDtypeStruct((n, wide_p // bp, kh, packed), jnp.float32)],
+        grid=(n, kh, wide_p // bp),
+        in_specs=[pl.no_block_spec, pl.no_block_spec],
+        out_specs=[pl.BlockSpec((None, None, packed, bp), lambda i, a, p: (i, a, 0, p)),
+                   pl.BlockSpec((None, None, None, packed), lambda i, a, p: (i, p, a, 0))],
+        name="tan_keras_conv_per_example_grads_packed",
+        **call_kwargs,
+    )(x.reshape(rows, height * width, channels), g.reshape(rows, positions, wide_p))
+    out = out[:, :, :kw * channels, :filters]
+    return out.reshape(n, kh * kw * channels, filters), jnp.sum(tile_sq, axis=(1, 2, 3))
+
+
+def _packed_kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, bp, packed, geometry, precision):
+    """One ``(packed × bp)`` tile of window row ``a`` of one example (``_packed_call``), and its rows' square sums."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    height, width, channels, kw, out_w, positions, (sh, sw), (dh, dw), pad_top, pad_left = geometry
+    i, a, p = (pl.program_id(axis) for axis in range(3))
+    int32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731  (lax.div/rem: see _kernel)
+    m = jnp.arange(packed, dtype=jnp.int32)
+    b, c = jax.lax.div(m, int32(channels)), jax.lax.rem(m, int32(channels))  # (packed,): offset in the row, channel
+    used = m < kw * channels
+    ragged = positions % time_block != 0
+
+    def body(step, acc):
+        row = i * views + jax.lax.div(step, int32(num_t))
+        t0 = jax.lax.rem(step, int32(num_t)) * time_block
+        t = t0 + jnp.arange(time_block, dtype=jnp.int32)
+        g_tile = g_ref.at[row, pl.ds(t0, time_block), pl.ds(p * bp, bp)]
+        if ragged:  # the last step's positions past the end read as 0
+            b_tile = plgpu.load(g_tile, mask=(t < positions)[:, None], other=0)
+        else:
+            b_tile = g_tile[...]
+        t = jnp.minimum(t, positions - 1)
+        h, w = jax.lax.div(t, int32(out_w)), jax.lax.rem(t, int32(out_w))
+        hi = h * sh + a * dh - pad_top  # (time_block,)
+        wi = (w * sw - pad_left)[:, None] + (b * dw)[None, :]  # (time_block, packed)
+        inside = ((hi >= 0) & (hi < height))[:, None] & (wi >= 0) & (wi < width) & used[None, :]
+        pixel = jnp.where(inside, hi[:, None] * width + wi, 0)
+        a_tile = x_ref[row, pixel, jnp.broadcast_to(c[None, :], pixel.shape)]
+        a_tile = jnp.where(inside, a_tile, jnp.zeros_like(a_tile))
+        return acc + jax.lax.dot_general(a_tile, b_tile, (((0,), (0,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, views * num_t, body, jnp.zeros((packed, bp), jnp.float32))
+    stored = acc.astype(out_ref.dtype)
+    out_ref[...] = stored
+    stored = stored.astype(jnp.float32)
+    sq_ref[...] = jnp.sum(stored * stored, axis=1)
 
 
 def _precision(dtype):
