@@ -190,12 +190,6 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
         layout=layout,
         geometry=(height, width, out_w, positions, strides, dilation_rate, pads[0][0], pads[1][0]),
         precision=_precision(x.dtype))
-    call_kwargs = {}
-    if mode == "interpret":
-        call_kwargs["interpret"] = True
-    else:
-        from jax.experimental.pallas import triton as plgpu
-        call_kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out, tile_sq = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((n, kh * kw, wide_c, wide_p), x.dtype),
@@ -205,7 +199,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
         out_specs=[pl.BlockSpec((None, per_program, bc, bp), lambda i, j, c, p: (i, j, c, p)),
                    pl.BlockSpec((None, None, per_program, bc), lambda i, j, c, p: (i, p, j, c))],
         name="tan_keras_conv_per_example_grads",
-        **call_kwargs,
+        **_launch(mode, num_warps, num_stages),
     )(xf, gf)
     if (wide_c, wide_p) != (channels, filters):
         out = out[:, :, :channels, :filters]
@@ -255,12 +249,6 @@ def _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, view
         _packed_kernel, views=views, num_t=num_t, time_block=time_block, bp=bp, packed=packed,
         geometry=(height, width, channels, kw, out_w, positions, strides, dilation_rate, pads[0][0], pads[1][0]),
         precision=_precision(x.dtype))
-    call_kwargs = {}
-    if mode == "interpret":
-        call_kwargs["interpret"] = True
-    else:
-        from jax.experimental.pallas import triton as plgpu
-        call_kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out, tile_sq = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((n, kh, packed, wide_p), x.dtype),
@@ -270,7 +258,7 @@ def _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, view
         out_specs=[pl.BlockSpec((None, None, packed, bp), lambda i, a, p: (i, a, 0, p)),
                    pl.BlockSpec((None, None, None, packed), lambda i, a, p: (i, p, a, 0))],
         name="tan_keras_conv_per_example_grads_packed",
-        **call_kwargs,
+        **_launch(mode, num_warps, num_stages),
     )(x.reshape(rows, height * width, channels), g.reshape(rows, positions, wide_p))
     out = out[:, :, :kw * channels, :filters]
     return out.reshape(n, kh * kw * channels, filters), jnp.sum(tile_sq, axis=(1, 2, 3))
@@ -314,6 +302,14 @@ def _packed_kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, b
     out_ref[...] = stored
     stored = stored.astype(jnp.float32)
     sq_ref[...] = jnp.sum(stored * stored, axis=1)
+
+
+def _launch(mode, num_warps, num_stages):
+    """``pallas_call``'s keyword arguments: Pallas's interpreter, or Triton's launch parameters."""
+    if mode == "interpret":
+        return {"interpret": True}
+    from jax.experimental.pallas import triton as plgpu
+    return {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
 
 
 def _precision(dtype):
