@@ -212,8 +212,8 @@ def _packed_rows(channels, kw):
 
     Only inputs of fewer than 16 channels are packed (the RGB stems: NF-ResNet's
     7×7 stride-2 conv on 3 channels, WRN's 3×3 one): there each offset's
-    zero-padded channels cost ``16/C`` times the useful multiply-adds. And
-    only 16-bit ones. On an H200 (docs/benchmarks/h200_2026-12-02b), NF-ResNet-50's
+    zero-padded channels cost ``16/C`` times the useful multiply-adds. The
+    caller packs only 16-bit ones. On an H200 (docs/benchmarks/h200_2026-12-02b), NF-ResNet-50's
     stem (224², 3 → 64, B = 128) took 0.81 / 0.76 ms packed against 1.50 / 1.42
     with padded channels in bf16 (two calls), and WRN-16-4's (32², 3 → 16,
     B = 1,024) 0.17 against 0.22. In float32 (TF32) the NF stem took 4.1 ms
