@@ -41,6 +41,27 @@ def _loop_kernel_grads(x, g, kernel_size, strides, padding, dilation, views):
     return np.stack(rows).reshape(x.shape[0] // views, views, -1, g.shape[-1]).sum(axis=1)
 
 
+def _count_packed_calls(monkeypatch):
+    """A list that gets an entry each time the kernel takes its packed rows (``conv_grads._packed_call``)."""
+    from tan_keras.per_example.jax import conv_grads
+
+    calls = []
+    original = conv_grads._packed_call
+    monkeypatch.setattr(conv_grads, "_packed_call", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def _random_case(seed, dtype, rows, spatial, channels, filters, kernel_size, strides, padding, dilation):
+    """``(x, g)``: a random input of ``dtype`` and an output gradient of the conv's output shape."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), dtype)
+    out_shape = _conv(x.astype(jnp.float32), jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation,
+                      strides).shape
+    return x, jnp.asarray(rng.normal(size=out_shape), dtype)
+
+
 GEOMETRIES = [  # (rows n·K, spatial, C, P, kernel, strides, padding, dilation, K)
     ((3, (5, 6), 16, 32, (3, 3), (1, 1), "same", (1, 1), 1)),
     ((2, (7, 5), 32, 16, (3, 3), (1, 1), "valid", (1, 1), 1)),
@@ -73,17 +94,11 @@ def test_fused_kernel_equals_a_one_example_loop_of_the_conv_vjp(rows, spatial, c
                                                                  strides, padding, dilation, views, monkeypatch):
     import jax.numpy as jnp
 
-    from tan_keras.per_example.jax import conv_grads
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
-    packed_calls = []
-    original_packed = conv_grads._packed_call
-    monkeypatch.setattr(conv_grads, "_packed_call", lambda *a, **k: packed_calls.append(1) or original_packed(*a, **k))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), jnp.float32)
-    out_shape = _conv(x, jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation, strides).shape
-    g = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    packed_calls = _count_packed_calls(monkeypatch)
+    x, g = _random_case(0, jnp.float32, rows, spatial, channels, filters, kernel_size, strides, padding, dilation)
     got, got_sq = fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
     assert got.dtype == jnp.float32 and got_sq.dtype == jnp.float32
     assert not packed_calls  # float32: channels zero-padded, never packed
@@ -103,14 +118,8 @@ def test_packed_rows_of_a_narrow_bf16_input_equal_a_one_example_loop(rows, spati
     from tan_keras.per_example.jax import conv_grads
 
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
-    packed_calls = []
-    original_packed = conv_grads._packed_call
-    monkeypatch.setattr(conv_grads, "_packed_call", lambda *a, **k: packed_calls.append(1) or original_packed(*a, **k))
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.normal(size=(rows, *spatial, channels)), jnp.bfloat16)
-    out_shape = _conv(x.astype(jnp.float32), jnp.zeros(tuple(kernel_size) + (channels, filters)), padding, dilation,
-                      strides).shape
-    g = jnp.asarray(rng.normal(size=out_shape), jnp.bfloat16)
+    packed_calls = _count_packed_calls(monkeypatch)
+    x, g = _random_case(2, jnp.bfloat16, rows, spatial, channels, filters, kernel_size, strides, padding, dilation)
     got, got_sq = conv_grads.fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
     assert packed_calls and got.dtype == jnp.bfloat16 and got_sq.dtype == jnp.float32
     want = _loop_kernel_grads(x.astype(jnp.float32), g.astype(jnp.float32), kernel_size, strides, padding, dilation,

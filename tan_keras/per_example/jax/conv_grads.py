@@ -267,7 +267,6 @@ def _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, view
 def _packed_kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, bp, packed, geometry, precision):
     """One ``(packed × bp)`` tile of window row ``a`` of one example (``_packed_call``), and its rows' square sums."""
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
 
     height, width, channels, kw, out_w, positions, (sh, sw), (dh, dw), pad_top, pad_left = geometry
     i, a, p = (pl.program_id(axis) for axis in range(3))
@@ -275,17 +274,10 @@ def _packed_kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, b
     m = jnp.arange(packed, dtype=jnp.int32)
     b, c = jax.lax.div(m, int32(channels)), jax.lax.rem(m, int32(channels))  # (packed,): offset in the row, channel
     used = m < kw * channels
-    ragged = positions % time_block != 0
 
     def body(step, acc):
-        row = i * views + jax.lax.div(step, int32(num_t))
-        t0 = jax.lax.rem(step, int32(num_t)) * time_block
-        t = t0 + jnp.arange(time_block, dtype=jnp.int32)
-        g_tile = g_ref.at[row, pl.ds(t0, time_block), pl.ds(p * bp, bp)]
-        if ragged:  # the last step's positions past the end read as 0
-            b_tile = plgpu.load(g_tile, mask=(t < positions)[:, None], other=0)
-        else:
-            b_tile = g_tile[...]
+        row, _, t, b_tile = _output_grad_tile(g_ref, step, i, p, views=views, num_t=num_t, time_block=time_block,
+                                              bp=bp, positions=positions)
         t = jnp.minimum(t, positions - 1)
         h, w = jax.lax.div(t, int32(out_w)), jax.lax.rem(t, int32(out_w))
         hi = h * sh + a * dh - pad_top  # (time_block,)
@@ -302,6 +294,23 @@ def _packed_kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, b
     out_ref[...] = stored
     stored = stored.astype(jnp.float32)
     sq_ref[...] = jnp.sum(stored * stored, axis=1)
+
+
+def _output_grad_tile(g_ref, step, i, p, *, views, num_t, time_block, bp, positions):
+    """``(row, t0, t, tile)`` of a kernel's loop step: the row (view) of example ``i`` it reads, its first output
+    position and its ``time_block`` positions, and the ``(time_block × bp)`` tile of ``g`` (filter block ``p``)
+    there, the positions past the last read as 0."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    num_t = jnp.asarray(num_t, jnp.int32)  # lax.div/rem of int32s: see _kernel
+    row = i * views + jax.lax.div(step, num_t)
+    t0 = jax.lax.rem(step, num_t) * time_block
+    t = t0 + jnp.arange(time_block, dtype=jnp.int32)
+    g_tile = g_ref.at[row, pl.ds(t0, time_block), pl.ds(p * bp, bp)]
+    if positions % time_block:  # a ragged last step
+        return row, t0, t, plgpu.load(g_tile, mask=(t < positions)[:, None], other=0)
+    return row, t0, t, g_tile[...]
 
 
 def _launch(mode, num_warps, num_stages):
@@ -346,17 +355,10 @@ def _kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, bc, bp, 
         offset = j * per_program + m
         offsets.append((jax.lax.div(offset, int32(kw)), jax.lax.rem(offset, int32(kw))))
     lanes_c = c * bc + jnp.arange(bc, dtype=jnp.int32)
-    ragged = positions % time_block != 0
 
     def body(step, accs):
-        row = i * views + jax.lax.div(step, int32(num_t))
-        t0 = jax.lax.rem(step, int32(num_t)) * time_block
-        t = t0 + jnp.arange(time_block, dtype=jnp.int32)
-        g_tile = g_ref.at[row, pl.ds(t0, time_block), pl.ds(p * bp, bp)]
-        if ragged:  # the last step's positions past the end read as 0
-            b_tile = plgpu.load(g_tile, mask=(t < positions)[:, None], other=0)
-        else:
-            b_tile = g_tile[...]
+        row, t0, t, b_tile = _output_grad_tile(g_ref, step, i, p, views=views, num_t=num_t, time_block=time_block,
+                                               bp=bp, positions=positions)
         if layout == "gather":
             t = jnp.minimum(t, positions - 1)
         h, w = jax.lax.div(t, int32(out_w)), jax.lax.rem(t, int32(out_w))
