@@ -27,7 +27,18 @@ entry: XLA's default fp32 matmuls are TF32 on an H200 (about 3e-4), bf16
 operands give float32-accurate sums (about 1e-6). ``--interpret`` runs the
 kernel in Pallas's interpreter (any device; its times mean nothing);
 ``--fp32_any_width`` times fp32 layers the kernel declines by default
-(``conv_grads._FP32_MAX_CHANNELS``).
+(``conv_grads._FP32_MAX_CHANNELS``; with ``--summed``, fp32 and wide layers).
+
+``--summed`` times book-keeping's share of a ghost-form conv instead, the
+kernel gradient summed over the batch in float32 (``run_summed``):
+``blocks`` (one matmul per kernel offset over shifted copies of the input:
+``ghost.matmul_weight_grad``), ``cudnn f32`` (the VJP on float32 copies, the
+path before the 16-bit rules), ``cudnn summed wgrad`` (the non-private
+step's, its sum rounded to the operands' dtype: the floor, not a private
+option) and ``fused summed G:T:W:S`` (``fused_conv_weight_grad`` in G row
+groups, 0 for its own choice, T positions per step, Triton's warps and
+stages, each of ``--summed_configs``). ``err_vs_f32`` against XLA's conv VJP
+of float32 copies at ``precision="highest"``, relative to its largest entry.
 """
 
 import functools
@@ -52,6 +63,9 @@ def _define_flags():
     flags.DEFINE_bool("interpret", False, "Run the kernel in Pallas's interpreter.")
     flags.DEFINE_bool("fp32_any_width", False, "Lift the kernel's fp32 width limit (to time it).")
     flags.DEFINE_string("output_json", None, "Optional path for the results as JSON.")
+    flags.DEFINE_bool("summed", False, "Time the batch-summed kernel gradient (book-keeping) instead.")
+    flags.DEFINE_list("summed_configs", ["0:32:4:3", "0:64:4:3", "0:32:8:3"],
+                      "--summed: fused tilings partials:time_block:num_warps:num_stages (partials 0: its own choice).")
 
 
 def _example0_f64(x, g, stride, k):
@@ -137,6 +151,63 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
     return rows
 
 
+def run_summed(batch_size, shapes, dtypes, configs, repeats=20, fp32_any_width=False):
+    """``{shape, dtype, method, ms, err_vs_f32}`` rows for the batch-summed kernel gradient (``--summed``); the
+    kernel's rows are None where it declines (``fp32_any_width``: it takes float32 and wide layers too)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tan_keras.ghost.norms import matmul_weight_grad, shifted_inputs
+    from tan_keras.per_example.jax.conv_grads import fused_conv_weight_grad
+
+    empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
+    rows = []
+    for shape in shapes:
+        shape_only, _, window = shape.partition("k")
+        shape_only, _, stride = shape_only.partition("s")
+        side, channels, filters = (int(v) for v in shape_only.split("x"))
+        k = int(window or 3)
+        strides = (int(stride or 1),) * 2
+        out_side = -(-side // strides[0])
+        for dtype in dtypes:
+            rng = np.random.default_rng(0)
+            x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
+            g = jnp.asarray(rng.normal(size=(batch_size, out_side, out_side, filters)), dtype)
+            launch = median_ms(empty, x, g, repeats=repeats)
+
+            def vjp(x, g, precision=None):
+                def conv(kernel):
+                    return jax.lax.conv_general_dilated(x, kernel, strides, "SAME", precision=precision,
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                return jax.vjp(conv, jnp.zeros((k, k, channels, filters), x.dtype))[1](g)[0]
+
+            want = np.asarray(jax.jit(lambda x, g: vjp(x.astype(jnp.float32), g.astype(jnp.float32),
+                                                       "highest"))(x, g), np.float64).reshape(-1, filters)
+            methods = [
+                ("blocks", lambda x, g: matmul_weight_grad(shifted_inputs(x, (k, k), strides, "same", (1, 1)),
+                                                           g.reshape(g.shape[0], -1, g.shape[-1]))),
+                ("cudnn f32", lambda x, g: vjp(x.astype(jnp.float32), g.astype(jnp.float32))),
+                ("cudnn summed wgrad", vjp)]
+            for config in configs:
+                partials, time_block, warps, stages = (int(v) for v in config.split(":"))
+                methods.append((f"fused summed {config}", functools.partial(
+                    fused_conv_weight_grad, kernel_size=(k, k), strides=strides, padding="same",
+                    dilation_rate=(1, 1), partials=partials or None, time_block=time_block, num_warps=warps,
+                    num_stages=stages, fp32_any_width=fp32_any_width)))
+            for name, fn in methods:
+                fn = jax.jit(fn)
+                out = fn(x, g)
+                if out is None:
+                    rows.append(dict(shape=shape, dtype=dtype, method=name, ms=None, err_vs_f32=None))
+                    continue
+                got = np.asarray(out.astype(jnp.float32), np.float64).reshape(want.shape)
+                err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+                ms = median_ms(fn, x, g, repeats=repeats) - launch
+                rows.append(dict(shape=shape, dtype=dtype, method=name, ms=round(ms, 3), err_vs_f32=err))
+    return rows
+
+
 def _unpacked(fn):
     """``fn`` traced with the kernel's row packing switched off (its channels zero-padded to 16 instead)."""
     from tan_keras.per_example.jax import conv_grads
@@ -160,12 +231,17 @@ def main(argv):
         from tan_keras.per_example.jax import conv_grads
 
         conv_grads._FP32_MAX_CHANNELS = float("inf")
-    rows = run(FLAGS.batch_size, FLAGS.shapes, FLAGS.dtypes, FLAGS.configs)
+    if FLAGS.summed:
+        rows = run_summed(FLAGS.batch_size, FLAGS.shapes, FLAGS.dtypes, FLAGS.summed_configs,
+                          fp32_any_width=FLAGS.fp32_any_width)
+    else:
+        rows = run(FLAGS.batch_size, FLAGS.shapes, FLAGS.dtypes, FLAGS.configs)
     print(f"device={device_name()!r} batch={FLAGS.batch_size}")
     for r in rows:
         ms = "declined" if r["ms"] is None else f"{r['ms']:8.3f} ms"
-        err = "" if r["err_vs_f64"] is None else f"err {r['err_vs_f64']:.1e}"
-        if r["sum_sq_err"] is not None:
+        err = r.get("err_vs_f64", r.get("err_vs_f32"))
+        err = "" if err is None else f"err {err:.1e}"
+        if r.get("sum_sq_err") is not None:
             err += f"  sum_sq err {r['sum_sq_err']:.1e}"
         print(f"{r['shape']:>11s} {r['dtype']:9s} {r['method']:22s} {ms:>11s}  {err}")
     if FLAGS.output_json:

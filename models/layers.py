@@ -25,8 +25,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from tan_keras.ghost import (cheaper_patch_gram, conv_per_example_grads, example_sums, matmul_grad_sq_norms,
-                             matmul_weight_grad, per_example, position_sum_sq, positions, register_ghost_norm,
+from tan_keras.ghost import (cheaper_patch_gram, conv_per_example_grads, conv_weight_grad, example_sums,
+                             matmul_grad_sq_norms, per_example, position_sum_sq, positions, register_ghost_norm,
                              shifted_inputs, sq_norms_from, use_ghost)
 
 #: gamma such that ``gamma * relu(z)`` has unit variance for ``z ~ N(0, 1)``.
@@ -290,10 +290,10 @@ def scaled_ws_conv_weight_grads(layer, inputs, cotangent):
     ghost-form layer, ``GhostNormRule.weight_grads``).
 
     The plain conv's kernel gradient ``G = Σ_{i,t} patch_itᵀ g_it`` comes
-    from one bf16 matmul per kernel offset with float32 sums
-    (``ghost.matmul_weight_grad``), then the standardization's chain rule,
-    the same linear map for every example, so it applies to the sum
-    (``_ws_chain_rule``). Without this rule book-keeping re-runs the layer's
+    from ``ghost.conv_weight_grad`` (float32 sums of exact bf16 products: a
+    fused kernel on a GPU, else one matmul per kernel offset), then the
+    standardization's chain rule, the same linear map for every example, so
+    it applies to the sum (``_ws_chain_rule``). Without this rule book-keeping re-runs the layer's
     VJP on float32 copies of its bf16 input and cotangent: the same float32
     sums of the same products, by TF32 convolutions of twice the bytes.
     """
@@ -301,8 +301,8 @@ def scaled_ws_conv_weight_grads(layer, inputs, cotangent):
     pairs = []
     if layer.kernel.trainable or layer.gain.trainable:
         u, scale = _ws_standardized(layer)
-        blocks = shifted_inputs(inputs, layer.kernel_size, layer.strides, layer.padding, (1, 1))
-        plain = ops.reshape(matmul_weight_grad(blocks, g), layer.kernel.shape)
+        plain = ops.reshape(conv_weight_grad(inputs, cotangent, layer.kernel_size, layer.strides, layer.padding,
+                                             (1, 1)), layer.kernel.shape)
         pairs = _ws_chain_rule(layer, plain, u, scale)
     if layer.bias is not None and layer.bias.trainable:
         pairs.append((layer.bias, ops.sum(_f32(g), axis=(0, 1))))

@@ -220,6 +220,15 @@ def test_conv_kernel_benchmark_reports_every_method_with_float32_accurate_result
     rows = benchmark_conv_kernel.run(2, ["9x3x16s2k7"], ["bfloat16"], ["16:16:1:4:3"], repeats=1)
     assert [r["method"] for r in rows] == methods[:3] + ["fused padded-C"]
     assert all(r["err_vs_f64"] < 2.0**-7 for r in rows if r["method"] != "cudnn summed wgrad")
+    # --summed: book-keeping's batch sum; every float32 form within fp32 rounding of the "highest" VJP, the
+    # non-private cuDNN sum (rounded to bf16) within bf16 rounding only.
+    rows = benchmark_conv_kernel.run_summed(4, ["6x16x16", "7x16x32s2", "9x3x16s2k7"], ["bfloat16"],
+                                            ["0:16:4:3", "2:32:4:3"], repeats=1)
+    summed = ["blocks", "cudnn f32", "cudnn summed wgrad", "fused summed 0:16:4:3", "fused summed 2:32:4:3"]
+    assert [r["method"] for r in rows] == 3 * summed
+    assert all(r["ms"] is not None for r in rows)
+    assert all(r["err_vs_f32"] < 1e-5 for r in rows if r["method"] != "cudnn summed wgrad")
+    assert all(r["err_vs_f32"] < 2.0**-7 for r in rows if r["method"] == "cudnn summed wgrad")
 
 
 def test_benchmark_rounds_report_each_modes_median_round_and_keep_every_round():

@@ -157,6 +157,62 @@ def test_fused_kernel_sums_bf16_products_in_float32_and_stores_them_rounded_once
     np.testing.assert_allclose(np.asarray(sum_sq, np.float64), np.sum(np.square(got), axis=(1, 2)), rtol=1e-6)
 
 
+SUMMED = [  # (geometry, partials): GEOMETRIES' "shift" and "gather" layouts, Conv1D, and NARROW's packed rows
+    (GEOMETRIES[0], None), (GEOMETRIES[0], 1), (GEOMETRIES[1], 2), (GEOMETRIES[5], 4), (GEOMETRIES[6], None),
+    (GEOMETRIES[9], None), (NARROW[2], 2), (NARROW[3], None),
+]
+
+
+@pytest.mark.parametrize("geometry,partials", SUMMED)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_weight_grad_is_the_batch_sum_of_a_one_example_loop(geometry, partials, dtype, monkeypatch):
+    """Book-keeping's share of a ghost-form conv (``fused_conv_weight_grad``): the kernel gradient summed over all
+    rows, float32, whatever the operands' dtype and the number of row groups the kernel sums separately; against
+    a one-example loop of JAX's conv VJP on float32 copies of the same values, summed in float64 (bf16 products
+    are exact in float32: a sum rounded to bf16 would be ~2⁻⁹ off)."""
+    import jax.numpy as jnp
+
+    from tan_keras.per_example.jax.conv_grads import fused_conv_weight_grad
+
+    rows, spatial, channels, filters, kernel_size, strides, padding, dilation, _ = geometry
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    x, g = _random_case(3, dtype, rows, spatial, channels, filters, kernel_size, strides, padding, dilation)
+    # float32 operands only when asked for (benchmarks): the step's book-keeping sends 16-bit ones
+    assert (fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation) is None) == (dtype == "float32")
+    got = fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation, partials=partials,
+                                 fp32_any_width=True)
+    assert got.dtype == jnp.float32 and got.shape == (np.prod(kernel_size) * channels, filters)
+    want = _loop_kernel_grads(x.astype(jnp.float32), g.astype(jnp.float32), kernel_size, strides, padding, dilation,
+                              1).sum(axis=0)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_fused_weight_grad_groups_rows_for_enough_programs():
+    """The row groups the summed kernel takes: a divisor of the rows, near 528 programs (4 per SM of an H200)."""
+    from tan_keras.per_example.jax.conv_grads import _partials
+
+    assert _partials(1024, (3, 3), 256, 256, 64) == 8  # 3 window rows × 4 × 4 tiles per group: 11 wanted
+    assert _partials(1024, (3, 3), 16, 16, 64) == 128  # one tile per window row: 176 wanted, 128 the nearest
+    assert _partials(3, (3, 3), 32, 32, 64) == 3  # never more groups than rows
+    assert _partials(7, (1, 1), 4096, 4096, 64) == 1  # a prime number of rows: the nearest divisor
+    assert _partials(12, (5,), 16, 16, 64) == 12  # Conv1D: one window row
+
+
+def test_fused_weight_grad_declines_layers_wider_than_256(monkeypatch):
+    """Wider layers keep one matmul per offset (faster there on an H200), and so does any layer off a GPU."""
+    import jax.numpy as jnp
+
+    from tan_keras.per_example.jax.conv_grads import fused_conv_weight_grad
+
+    x, g = jnp.zeros((2, 4, 4, 256), jnp.bfloat16), jnp.zeros((2, 4, 4, 256), jnp.bfloat16)
+    assert fused_conv_weight_grad(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    assert fused_conv_weight_grad(x, g, (3, 3), (1, 1), "same", (1, 1)).shape == (9 * 256, 256)
+    wide = jnp.zeros((2, 4, 4, 272), jnp.bfloat16)
+    assert fused_conv_weight_grad(wide, g, (3, 3), (1, 1), "same", (1, 1)) is None
+    assert fused_conv_weight_grad(x, wide, (3, 3), (1, 1), "same", (1, 1)) is None
+
+
 def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
     """None (the caller forms the patches) off a GPU, for mismatched shapes, wide fp32 layers, huge tensors."""
     import jax

@@ -454,15 +454,33 @@ def _bf16_strided_conv_case(layer, seed):
     return model, x, u, plain
 
 
-def test_bf16_ghost_form_conv_share_of_the_clipped_sum_is_the_float32_sum_of_exact_products():
-    """The same for a Conv2D in the ghost form (its rule's one matmul per kernel offset), against float64 numpy:
-    strided, "same" padding, with a bias."""
+def _summed_conv_kernel(monkeypatch, mode):
+    """Sets ``TAN_KERAS_FUSED_CONV`` to ``mode`` ("off", or "interpret": the fused kernel in Pallas's interpreter,
+    JAX only) and returns a list that records, per call of ``per_example.fused_conv_weight_grad``, whether the
+    kernel gave the sum."""
+    if mode == "interpret" and keras.backend.backend() != "jax":
+        pytest.skip("the fused kernel is JAX's (Pallas)")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", mode)
+    backend = tan_keras.per_example._backend_module()
+    original, calls = backend.fused_conv_weight_grad, []
+    monkeypatch.setattr(backend, "fused_conv_weight_grad",
+                        lambda *a, **k: calls.append(original(*a, **k)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("fused", ["off", "interpret"])
+def test_bf16_ghost_form_conv_share_of_the_clipped_sum_is_the_float32_sum_of_exact_products(fused, monkeypatch):
+    """The same for a Conv2D in the ghost form against float64 numpy (strided, "same" padding, with a bias), its
+    kernel's share by one matmul per kernel offset ("off") or by the fused kernel's row groups ("interpret")."""
     from keras import ops
+
+    calls = _summed_conv_kernel(monkeypatch, fused)
 
     layer = keras.layers.Conv2D(32, 3, strides=2, padding="same", dtype="mixed_bfloat16")
     model, x, u, want_kernel = _bf16_strided_conv_case(layer, seed=1)
     batch = x.shape[0]
     got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(model, x, np.zeros((batch, 1)), 1e9)  # no clipping
+    assert calls and all((c is not None) == (fused == "interpret") for c in calls)
     for got, want in [(got_sum[0], want_kernel), (got_sum[1], batch * u.astype(np.float64).sum(axis=(0, 1)))]:
         got = np.asarray(ops.cast(got, "float32"), np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -510,12 +528,17 @@ def _ws_conv_loss_grads_f64(kernel, gain, eps, plain):
     return np.moveaxis(grad_w.reshape((kernel.shape[-1],) + kernel.shape[:3]), 0, -1), grad_gain
 
 
-def test_bf16_ghost_form_ws_conv_share_of_the_clipped_sum_is_the_float32_sum_through_the_standardization():
+@pytest.mark.parametrize("fused", ["off", "interpret"])
+def test_bf16_ghost_form_ws_conv_share_of_the_clipped_sum_is_the_float32_sum_through_the_standardization(
+        fused, monkeypatch):
     """A bf16 ScaledWSConv2D in the ghost form: its rule's weight gradients at a 16-bit cotangent (one bf16
     matmul per kernel offset with float32 sums, then the standardization's chain rule) and the clipped sum that
     book-keeping takes from them equal float64 numpy: the plain conv gradient of the same bf16 values, pushed
-    through the standardization by central differences. Strided, "same" padding, a bias, gains ≠ 1."""
+    through the standardization by central differences. Strided, "same" padding, a bias, gains ≠ 1; the plain
+    gradient by one matmul per offset ("off") or the fused kernel's row groups ("interpret")."""
     from keras import ops
+
+    calls = _summed_conv_kernel(monkeypatch, fused)
 
     from models.layers import ScaledWSConv2D
     from tan_keras.ghost import registry
@@ -535,6 +558,7 @@ def test_bf16_ghost_form_ws_conv_share_of_the_clipped_sum_is_the_float32_sum_thr
     shares = rule.weight_grads(layer, ops.cast(x, "bfloat16"), cotangent)
     assert [v.path for v, _ in shares] == [v.path for v in (layer.kernel, layer.gain, layer.bias)]
     got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(private, x, np.zeros((batch, 1)), 1e9)  # no clipping
+    assert calls and all((c is not None) == (fused == "interpret") for c in calls)
     for (_, share), summed, expected in zip(shares, got_sum, want):
         for got in (share, summed):
             got = np.asarray(ops.cast(got, "float32"), np.float64)

@@ -42,7 +42,7 @@ The train steps that use this package live in ``tan_keras.per_example``.
 from tan_keras.ghost import keras_layers  # noqa: F401  (registers the rules for Keras's layers)
 from tan_keras.ghost.bookkeeping import norms_and_clipped_sum
 from tan_keras.ghost.capture import LayerCall, call_inputs, capture, foreign_read_reason, pre_activation_output
-from tan_keras.ghost.norms import (cheaper_patch_gram, conv_per_example_grads, entry_sum_sq, example_rows,
+from tan_keras.ghost.norms import (cheaper_patch_gram, conv_per_example_grads, conv_weight_grad, entry_sum_sq, example_rows,
                                    example_sums, matmul_grad_sq_norms, matmul_per_example_grads, matmul_weight_grad,
                                    num_examples, patch_gram, patch_gram_is_cheaper, per_example, per_example_sum_sq,
                                    position_sum_sq, positions, shifted_inputs, sq_norms_from)
@@ -51,7 +51,7 @@ from tan_keras.ghost.registry import (GhostNormRule, GhostPlan, check_calls, gho
 
 __all__ = [
     "GhostNormRule", "GhostPlan", "LayerCall", "call_inputs", "capture", "cheaper_patch_gram", "check_calls",
-    "conv_per_example_grads", "entry_sum_sq", "example_rows", "example_sums", "foreign_read_reason", "ghost_plan",
+    "conv_per_example_grads", "conv_weight_grad", "entry_sum_sq", "example_rows", "example_sums", "foreign_read_reason", "ghost_plan",
     "log_fallback", "matmul_grad_sq_norms", "matmul_per_example_grads", "matmul_weight_grad", "norm_mode",
     "norms_and_clipped_sum", "num_examples", "patch_gram", "patch_gram_is_cheaper", "per_example",
     "per_example_sum_sq", "position_sum_sq", "positions", "pre_activation_output", "register_ghost_norm", "rule_for",

@@ -14,7 +14,8 @@ import string
 import keras
 from keras import ops
 
-from tan_keras.ghost.norms import (_f32, _trainable, cheaper_patch_gram, example_sums, matmul_grad_sq_norms,
+from tan_keras.ghost.norms import (_f32, _trainable, cheaper_patch_gram, conv_weight_grad, example_sums,
+                                   matmul_grad_sq_norms,
                                    conv_per_example_grads as conv_per_example_grads_of, matmul_per_example_grads,
                                    matmul_weight_grad, num_examples, per_example, per_example_sum_sq,
                                    position_sum_sq, positions, shifted_inputs, sq_norms_from)
@@ -63,16 +64,18 @@ def dense_per_example_grads(layer, inputs, output_grad):
                                            lambda: (matmul_per_example_grads(a, g), None))
 
 
-def _matmul_weight_grads(kernel, bias, a, g):
+def _matmul_weight_grads(kernel, bias, a, g, kernel_grad=None):
     """``[(kernel, Σ_{i,t} a_itᵀ g_it), (bias, Σ_{i,t} g_it)]`` (trainable ones) in float32 from 16-bit operands.
 
-    ``a`` (B, T, d) or a list of blocks (B, T, d_j) (a conv's patches, one
-    per kernel offset: one matmul each, rows of the kernel in block order),
-    ``g`` (B, T, p); products exact, sums float32 (``norms.matmul_weight_grad``).
+    ``a`` (B, T, d), ``g`` (B, T, p); products exact, sums float32
+    (``norms.matmul_weight_grad``). ``kernel_grad``: optional ``() -> (d, p)``
+    giving the kernel's sum another way (a conv's ``norms.conv_weight_grad``),
+    used instead of ``a``.
     """
     grads = []
     if _trainable(kernel):
-        grads.append((kernel, ops.reshape(matmul_weight_grad(a, g), kernel.shape)))
+        grad = kernel_grad() if kernel_grad is not None else matmul_weight_grad(a, g)
+        grads.append((kernel, ops.reshape(grad, kernel.shape)))
     if _trainable(bias):
         grads.append((bias, ops.sum(_f32(g), axis=(0, 1))))
     return grads
@@ -221,10 +224,17 @@ def conv_per_example_grads(layer, inputs, output_grad):
 
 
 def conv_weight_grads(layer, inputs, cotangent):
-    """Conv1D/Conv2D: its weight gradients at a 16-bit cotangent, one matmul per kernel offset over the batch's
-    positions (``registry.GhostNormRule.weight_grads``)."""
-    return _matmul_weight_grads(layer.kernel, layer.bias if layer.use_bias else None, _conv_blocks(layer, inputs),
-                                _conv_output_grad(layer, cotangent))
+    """Conv1D/Conv2D: its weight gradients at a 16-bit cotangent (``registry.GhostNormRule.weight_grads``), the
+    kernel's from ``norms.conv_weight_grad`` (a fused kernel on a GPU, else one matmul per kernel offset over the
+    batch's positions)."""
+    g_spatial = _channels_last(cotangent, layer.data_format)
+
+    def kernel_grad():
+        x, padding = _conv_input(layer, inputs)
+        return conv_weight_grad(x, g_spatial, layer.kernel_size, layer.strides, padding, layer.dilation_rate)
+
+    return _matmul_weight_grads(layer.kernel, layer.bias if layer.use_bias else None, None,
+                                positions(g_spatial, layer.filters), kernel_grad)
 
 
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",

@@ -42,7 +42,7 @@ import math
 from keras import ops
 
 from tan_keras.ghost.registry import use_ghost
-from tan_keras.per_example import einsum_f32, fused_conv_per_example_grads
+from tan_keras.per_example import einsum_f32, fused_conv_per_example_grads, fused_conv_weight_grad
 
 _ROWS = [1]  # rows of a layer's batch per example: K under AugMult (``example_rows``)
 
@@ -146,6 +146,25 @@ def matmul_weight_grad(a, g):
     share of a ghost-form layer at a 16-bit cotangent (``GhostNormRule.weight_grads``).
     """
     return ops.concatenate([einsum_f32("btd,btp->dp", b, g) for b in _as_blocks(a)], axis=0)
+
+
+def conv_weight_grad(x, g, kernel_size, strides, padding, dilation_rate):
+    """``(k·C, P)`` a channels-last conv's kernel gradient summed over the batch, float32 (rows as ``kernel.reshape``).
+
+    ``x`` (B, *spatial, C) the layer input (causal padding applied, then
+    ``"valid"``), ``g`` (B, *spatial_out, P). Where the backend has a fused
+    kernel (JAX on a GPU, a window of more than one offset:
+    ``per_example.fused_conv_weight_grad``) the offsets' shifted inputs are
+    never formed; elsewhere ``matmul_weight_grad`` of the ``shifted_inputs``
+    blocks. Both are float32 sums of the same products, exact for 16-bit
+    operands.
+    """
+    if math.prod(kernel_size) > 1:
+        fused = fused_conv_weight_grad(x, g, tuple(kernel_size), tuple(strides), padding, tuple(dilation_rate))
+        if fused is not None:
+            return fused
+    return matmul_weight_grad(shifted_inputs(x, kernel_size, strides, padding, dilation_rate),
+                              positions(g, g.shape[-1]))
 
 
 def conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, with_sum_sq=False):

@@ -70,3 +70,13 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     """
     return _backend_module().fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate,
                                                           views=views)
+
+
+def fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation_rate):
+    """``(k·C, P)`` a conv's kernel gradient summed over the batch in float32 from a fused kernel, or None.
+
+    ``x`` (B, *spatial, C) and ``g`` (B, *spatial_out, P) channels-last. JAX
+    on a GPU: the per-example kernel with the batch's rows summed in its
+    float32 accumulators (``jax/conv_grads.py``); elsewhere None.
+    """
+    return _backend_module().fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation_rate)

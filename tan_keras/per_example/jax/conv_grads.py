@@ -73,6 +73,12 @@ _MODES = ("auto", "off", "interpret")
 #   fp32   64→64 @32²: 2.30 → 1.368    128→128 @16²: 1.01 → 1.458    (XLA's default TF32 precision)
 # fp32 tiles of wider layers are slower than cuBLAS, so they keep the XLA path.
 _FP32_MAX_CHANNELS = 64
+# The batch-summed gradient (fused_conv_weight_grad), one H200, JAX 0.11, bf16, 3×3 "same", ms, the kernel at its
+# own row groups against one matmul per offset over shifted copies (docs/benchmarks/h200_2026-12-02c):
+#   8²  256→256, B = 1,024: 0.293 / 0.440    14² 256→256, B = 128: 0.105 / 0.152    28² 128→128, B = 128: 0.139 / 0.271
+#   16² 128→256 stride 2, B = 1,024: 0.348 / 0.344    7² 512→512, B = 128: 0.160 / 0.120 (so wider layers keep
+#   the matmuls); fp32 (TF32): 8² 256→256 1.57 against cuDNN's 0.62 on float32 operands (so it takes 16-bit ones).
+_SUMMED_MAX_CHANNELS = 256
 
 
 def _time_block(positions, layout):
@@ -130,6 +136,58 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     The rows of ``grads`` follow ``kernel.reshape(k_h·k_w·C, P)``, so
     ``reshape(grads, (n,) + kernel.shape)`` is the per-example kernel gradient.
     """
+    return _fused(x, g, kernel_size, strides, padding, dilation_rate, views, out_dtype=None,
+                  fp32_max_channels=_FP32_MAX_CHANNELS, time_block=time_block, block=block,
+                  row_programs=row_programs, num_warps=num_warps, num_stages=num_stages)
+
+
+def fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation_rate, partials=None,
+                           time_block=None, block=64, num_warps=4, num_stages=3, fp32_any_width=False):
+    """``Σ_rows ∇W_row``: a 1-D/2-D conv's kernel gradient summed over all rows of ``x``, ``(k_h·k_w·C, P)``
+    float32, or None where the kernel does not apply.
+
+    Book-keeping's share of a ghost-form conv at a 16-bit cotangent
+    (``GhostNormRule.weight_grads``): ``Σ_i Σ_t patch_itᵀ ĝ_it`` with ``ĝ =
+    round(c ⊙ g)``. The per-example kernel does it with the batch split
+    into ``partials`` groups of consecutive rows, each summed in the
+    kernel's float32 accumulators as AugMult's views are (the products of
+    16-bit operands are exact), then the groups' float32 tiles are added:
+    the float32 sum of the same exact products as one matmul per kernel
+    offset over the batch (``ghost.matmul_weight_grad``), without the
+    offsets' sliced copies of the input. ``partials=None`` picks enough
+    groups for about 4 programs per SM of an H200 (``_partials``). It
+    declines float32 operands and layers of more than 256 channels or
+    filters, where cuDNN's or cuBLAS's are faster (``_SUMMED_MAX_CHANNELS``;
+    ``fp32_any_width=True``, for benchmarks, lifts both: float32 operands are
+    then multiplied at XLA's matmul precision, as in the per-example kernel).
+    """
+    if not fp32_any_width and (x.dtype == jnp.float32
+                               or max(x.shape[-1], g.shape[-1]) > _SUMMED_MAX_CHANNELS):
+        return None
+    rows = x.shape[0]
+    if partials is None:
+        partials = _partials(rows, kernel_size, x.shape[-1], g.shape[-1], block)
+    if rows % partials:
+        return None
+    out = _fused(x, g, kernel_size, strides, padding, dilation_rate, rows // partials, out_dtype=jnp.float32,
+                 fp32_max_channels=None, time_block=time_block, block=block, row_programs=True,
+                 num_warps=num_warps, num_stages=num_stages)
+    return None if out is None else jnp.sum(out[0], axis=0)
+
+
+def _partials(rows, kernel_size, channels, filters, block, programs=528):
+    """Groups of rows for ``fused_conv_weight_grad``: the divisor of ``rows`` nearest ``programs`` (4 per SM of
+    an H200's 132) over one group's programs (window rows × channel blocks × filter blocks), at least 1."""
+    window_rows = kernel_size[0] if len(kernel_size) == 2 else 1
+    per_group = window_rows * max(1, -(-channels // block)) * max(1, -(-filters // block))
+    target = max(1, min(rows, -(-programs // per_group)))
+    return min((d for d in range(1, rows + 1) if rows % d == 0), key=lambda d: (abs(d - target), d))
+
+
+def _fused(x, g, kernel_size, strides, padding, dilation_rate, views, *, out_dtype, fp32_max_channels, time_block,
+           block, row_programs, num_warps, num_stages):
+    """The kernels' common path: ``(out, sum_sq)`` with ``out`` (n, k·C, P) in ``out_dtype`` (None: the operands'
+    dtype), or None where the kernel does not apply."""
     mode = _mode()
     if mode == "off" or (mode == "auto" and jax.default_backend() != "gpu"):
         return None
@@ -140,7 +198,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
         return None
     # Channels padded to a multiple of 16 (Triton's smallest MMA side): zeros, so their gradient rows are 0.
     wide_c, wide_p = -(-channels // 16) * 16, -(-filters // 16) * 16
-    if x.dtype == jnp.float32 and max(wide_c, wide_p) > _FP32_MAX_CHANNELS:
+    if x.dtype == jnp.float32 and fp32_max_channels is not None and max(wide_c, wide_p) > fp32_max_channels:
         return None
     bc, bp = _block(wide_c, block), _block(wide_p, block)
     try:
@@ -164,7 +222,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
     packed = _packed_rows(channels, kernel_size[1]) if x.dtype != jnp.float32 else None
     if packed is not None:
         return _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, views, packed,
-                            _block(wide_p, block), num_warps, num_stages, filters)
+                            _block(wide_p, block), num_warps, num_stages, filters, out_dtype or x.dtype)
     if wide_c != channels:
         x = jnp.pad(x, ((0, 0),) * 3 + ((0, wide_c - channels),))
     n = rows // views
@@ -192,7 +250,7 @@ def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_r
         precision=_precision(x.dtype))
     out, tile_sq = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((n, kh * kw, wide_c, wide_p), x.dtype),
+        out_shape=[jax.ShapeDtypeStruct((n, kh * kw, wide_c, wide_p), out_dtype or x.dtype),
                    jax.ShapeDtypeStruct((n, wide_p // bp, kh * kw, wide_c), jnp.float32)],
         grid=(n, kh * kw // per_program, wide_c // bc, wide_p // bp),
         in_specs=[pl.no_block_spec, pl.no_block_spec],
@@ -229,7 +287,7 @@ def _packed_rows(channels, kw):
 
 
 def _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, views, packed, bp, num_warps,
-                 num_stages, filters):
+                 num_stages, filters, out_dtype):
     """``fused_conv_per_example_grads`` with each window row's ``(k_w, C)`` pixels and channels as one inner side.
 
     One program computes the ``(packed × bp)`` tile of one window row ``a`` of
@@ -251,7 +309,7 @@ def _packed_call(pl, mode, x, g, kernel_size, strides, dilation_rate, pads, view
         precision=_precision(x.dtype))
     out, tile_sq = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((n, kh, packed, wide_p), x.dtype),
+        out_shape=[jax.ShapeDtypeStruct((n, kh, packed, wide_p), out_dtype),
                    jax.ShapeDtypeStruct((n, wide_p // bp, kh, packed), jnp.float32)],
         grid=(n, kh, wide_p // bp),
         in_specs=[pl.no_block_spec, pl.no_block_spec],

@@ -145,3 +145,8 @@ def einsum_f32(equation, a, b):
 def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1):
     """No fused per-example conv kernel on TensorFlow: None, and the caller forms the patches (``ghost.norms``)."""
     return None
+
+
+def fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation_rate):
+    """No fused conv kernel on TensorFlow: None, and the caller takes one matmul per kernel offset (``ghost.norms``)."""
+    return None
