@@ -82,6 +82,27 @@ def _example0_f64(x, g, stride, k):
                            for a in range(k) for b in range(k)])
 
 
+def _parse(shape):
+    """``(k, strides, channels, filters)`` of an ``HxCxP[sS][kK]`` shape."""
+    shape_only, _, window = shape.partition("k")
+    shape_only, _, stride = shape_only.partition("s")
+    _, channels, filters = (int(v) for v in shape_only.split("x"))
+    return int(window or 3), (int(stride or 1),) * 2, channels, filters
+
+
+def _operands(batch_size, shape, dtype):
+    """``(x, g)``: seeded normal input and output gradient of a "same" conv of ``shape``, in ``dtype``."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    _, strides, channels, filters = _parse(shape)
+    side = int(shape.split("x")[0])
+    out_side = -(-side // strides[0])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
+    return x, jnp.asarray(rng.normal(size=(batch_size, out_side, out_side, filters)), dtype)
+
+
 def run(batch_size, shapes, dtypes, configs, repeats=20):
     """A list of ``{shape, dtype, method, ms, err_vs_f64}`` rows (see the module docstring).
 
@@ -98,16 +119,9 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
     empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
     rows = []
     for shape in shapes:
-        shape_only, _, window = shape.partition("k")
-        shape_only, _, stride = shape_only.partition("s")
-        side, channels, filters = (int(v) for v in shape_only.split("x"))
-        k = int(window or 3)
-        strides = (int(stride or 1),) * 2
-        out_side = -(-side // strides[0])
+        k, strides, channels, filters = _parse(shape)
         for dtype in dtypes:
-            rng = np.random.default_rng(0)
-            x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
-            g = jnp.asarray(rng.normal(size=(batch_size, out_side, out_side, filters)), dtype)
+            x, g = _operands(batch_size, shape, dtype)
             launch = median_ms(empty, x, g, repeats=repeats)
             want = _example0_f64(x, g, strides[0], k)
 
@@ -164,16 +178,9 @@ def run_summed(batch_size, shapes, dtypes, configs, repeats=20, fp32_any_width=F
     empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
     rows = []
     for shape in shapes:
-        shape_only, _, window = shape.partition("k")
-        shape_only, _, stride = shape_only.partition("s")
-        side, channels, filters = (int(v) for v in shape_only.split("x"))
-        k = int(window or 3)
-        strides = (int(stride or 1),) * 2
-        out_side = -(-side // strides[0])
+        k, strides, channels, filters = _parse(shape)
         for dtype in dtypes:
-            rng = np.random.default_rng(0)
-            x = jnp.asarray(rng.normal(size=(batch_size, side, side, channels)), dtype)
-            g = jnp.asarray(rng.normal(size=(batch_size, out_side, out_side, filters)), dtype)
+            x, g = _operands(batch_size, shape, dtype)
             launch = median_ms(empty, x, g, repeats=repeats)
 
             def vjp(x, g, precision=None):
