@@ -10,6 +10,8 @@ example alone through ``lax.conv_general_dilated`` and ``jax.vjp``, or
 float64 numpy for bf16 operands.
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -17,6 +19,11 @@ import pytest
 import tan_keras
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX (Pallas) kernel")
+
+# "interpret" (CI, any device). On a GPU, ``TAN_KERAS_TEST_FUSED_CONV=auto`` runs the same checks on the compiled
+# kernel, whose loads differ from the interpreter's where a slice starts before the flat input (conv_grads._fused);
+# with ``JAX_DEFAULT_MATMUL_PRECISION=highest``, so that float32 products are not TF32's.
+KERNEL_MODE = os.environ.get("TAN_KERAS_TEST_FUSED_CONV", "interpret")
 
 
 def _conv(x, kernel, padding, dilation, strides=None):
@@ -96,7 +103,7 @@ def test_fused_kernel_equals_a_one_example_loop_of_the_conv_vjp(rows, spatial, c
 
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
-    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     packed_calls = _count_packed_calls(monkeypatch)
     x, g = _random_case(0, jnp.float32, rows, spatial, channels, filters, kernel_size, strides, padding, dilation)
     got, got_sq = fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
@@ -117,7 +124,7 @@ def test_packed_rows_of_a_narrow_bf16_input_equal_a_one_example_loop(rows, spati
 
     from tan_keras.per_example.jax import conv_grads
 
-    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     packed_calls = _count_packed_calls(monkeypatch)
     x, g = _random_case(2, jnp.bfloat16, rows, spatial, channels, filters, kernel_size, strides, padding, dilation)
     got, got_sq = conv_grads.fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation, views=views)
@@ -139,7 +146,7 @@ def test_fused_kernel_sums_bf16_products_in_float32_and_stores_them_rounded_once
 
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
-    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, channels)), jnp.bfloat16)
     g = jnp.asarray(rng.normal(size=(2, 8, 8, 16)), jnp.bfloat16)
@@ -175,7 +182,7 @@ def test_fused_weight_grad_is_the_batch_sum_of_a_one_example_loop(geometry, part
     from tan_keras.per_example.jax.conv_grads import fused_conv_weight_grad
 
     rows, spatial, channels, filters, kernel_size, strides, padding, dilation, _ = geometry
-    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     x, g = _random_case(3, dtype, rows, spatial, channels, filters, kernel_size, strides, padding, dilation)
     # float32 operands only when asked for (benchmarks): the step's book-keeping sends 16-bit ones
     assert (fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation) is None) == (dtype == "float32")
@@ -206,7 +213,7 @@ def test_fused_weight_grad_declines_layers_wider_than_256(monkeypatch):
 
     x, g = jnp.zeros((2, 4, 4, 256), jnp.bfloat16), jnp.zeros((2, 4, 4, 256), jnp.bfloat16)
     assert fused_conv_weight_grad(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
-    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     assert fused_conv_weight_grad(x, g, (3, 3), (1, 1), "same", (1, 1)).shape == (9 * 256, 256)
     wide = jnp.zeros((2, 4, 4, 272), jnp.bfloat16)
     assert fused_conv_weight_grad(wide, g, (3, 3), (1, 1), "same", (1, 1)) is None
@@ -222,7 +229,7 @@ def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
 
     x, g = jnp.zeros((2, 8, 8, 16)), jnp.zeros((2, 8, 8, 16))
     assert fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
-    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     assert fused_conv_per_example_grads(x, g[:, ::2], (3, 3), (1, 1), "same", (1, 1)) is None  # g of another shape
     assert fused_conv_per_example_grads(x, g.astype("bfloat16"), (3, 3), (1, 1), "same", (1, 1)) is None
     assert fused_conv_per_example_grads(jnp.zeros((2, 8, 8, 56)), g, (3, 3), (1, 1), "same", (1, 1)) is not None
@@ -246,7 +253,7 @@ def test_ghost_step_with_the_fused_kernel_clips_like_a_one_example_loop(monkeypa
     from models import layers as model_layers
     from tan_keras.per_example.jax import conv_grads
 
-    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", "interpret")
+    monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     calls = []
     original = conv_grads.fused_conv_per_example_grads
 

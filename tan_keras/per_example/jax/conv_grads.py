@@ -17,10 +17,13 @@ consecutive output positions; each offset's input pixels are then
 
 * "shift" (stride 1, output as wide as the input: "same"): one contiguous
   slice of the flat input, at the constant shift ``(a·d_h − pad_top)·W +
-  b·d_w − pad_left`` of offset ``(a, b)``. The flat input holds zero rows
-  before and after (one pad, for the rows outside the image); the columns
+  b·d_w − pad_left`` of offset ``(a, b)``, read in place: the rows outside
+  the image (before its first pixel or after its last) and the columns
   outside it are masked in the load, which Triton still copies to shared
-  memory asynchronously;
+  memory asynchronously. (The flat input was once zero-padded for the rows
+  outside: on an H200 those copies took 0.55 ms of WRN-16-4's 13.2 ms bf16
+  ghost step at B = 1,024, and reading in place took the step from 76.4k to
+  79.7k ex/s, docs/benchmarks/h200_2026-12-02d.)
 * "gather" (strides, "valid"): each pixel's index computed from its
   position, clamped where it is padding and its value masked.
 
@@ -239,13 +242,19 @@ def _fused(x, g, kernel_size, strides, padding, dilation_rate, views, *, out_dty
     num_t = -(-positions // time_block)
     gf = g.reshape(rows, positions, wide_p)  # natural layout (a free reshape); the last tile is masked
     xf = x.reshape(rows, height * width, wide_c)
-    if layout == "shift":
-        front = pads[0][0] * width + pads[1][0]
+    base = 0  # where the flat image starts in xf
+    if layout == "shift" and mode == "interpret":
+        # A GPU reads the flat input in place: an offset's slice may start before the image or end after it
+        # (the first and last steps), and those rows are masked in the load (Triton reads no masked address).
+        # Pallas's interpreter moves such a slice's start into the array (lax.dynamic_slice), so there the
+        # flat input gets zero rows before and after, and the same slices are read ``base`` rows on: the
+        # masks are the same, so the interpreter checks the kernel's indexing.
+        base = pads[0][0] * width + pads[1][0]
         last_shift = ((kh - 1) * dh - pads[0][0]) * width + (kw - 1) * dw - pads[1][0]
-        xf = jnp.pad(xf, ((0, 0), (front, num_t * time_block - positions + max(last_shift, 0)), (0, 0)))
+        xf = jnp.pad(xf, ((0, 0), (base, num_t * time_block - positions + max(last_shift, 0)), (0, 0)))
     kernel = functools.partial(
         _kernel, views=views, num_t=num_t, time_block=time_block, bc=bc, bp=bp, kw=kw, per_program=per_program,
-        layout=layout,
+        layout=layout, base=base,
         geometry=(height, width, out_w, positions, strides, dilation_rate, pads[0][0], pads[1][0]),
         precision=_precision(x.dtype))
     out, tile_sq = pl.pallas_call(
@@ -386,18 +395,18 @@ def _precision(dtype):
     return jax.config.jax_default_matmul_precision
 
 
-def _kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, bc, bp, kw, per_program, layout, geometry,
-            precision):
+def _kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, bc, bp, kw, per_program, layout, base,
+            geometry, precision):
     """One (C-block, P-block) tile of ``per_program`` kernel offsets of one example: ``Σ_views Σ_t x[t + o]ᵀ g[t]``,
     into ``out_ref`` (rounded to its dtype), and the square sums of each row of the stored values into ``sq_ref``.
 
     A step takes ``time_block`` consecutive output positions ``t = (h, w)``;
     offset ``(a, b)`` reads input pixel ``(h·s_h + a·d_h − pad_top,
     w·s_w + b·d_w − pad_left)`` of each, or 0 where that pixel is padding.
-    ``layout`` "shift": one slice of the flat input, which holds
-    ``pad_top·W + pad_left`` zeros before it, so the slice of offset (a, b)
-    starts at ``t0 + a·d_h·W + b·d_w``; columns outside the image masked;
-    "gather": each pixel's index computed, clamped to a valid one where it is
+    ``layout`` "shift": one slice of the flat input, from flat pixel
+    ``t0 + (a·d_h − pad_top)·W + b·d_w − pad_left`` (``base`` rows on in
+    ``x_ref``), its rows outside the image (flat index below 0 or past the
+    last pixel) and its columns outside it masked; "gather": each pixel's index computed, clamped to a valid one where it is
     padding, and its value masked. Positions past the last are masked in ``g``.
     """
     from jax.experimental import pallas as pl
@@ -424,9 +433,10 @@ def _kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, bc, bp, 
         for (a, b), acc in zip(offsets, accs):
             wi = w * sw + b * dw - pad_left
             if layout == "shift":  # a masked load: Triton still copies the tile to shared memory asynchronously
-                start = t0 + a * dh * width + b * dw
-                inside = (wi >= 0) & (wi < width)
-                a_tile = plgpu.load(x_ref.at[row, pl.ds(start, time_block), pl.ds(c * bc, bc)],
+                start = t0 + (a * dh - pad_top) * width + b * dw - pad_left  # flat pixel of the slice's first row
+                flat = start + jnp.arange(time_block, dtype=jnp.int32)
+                inside = (wi >= 0) & (wi < width) & (flat >= 0) & (flat < height * width)
+                a_tile = plgpu.load(x_ref.at[row, pl.ds(base + start, time_block), pl.ds(c * bc, bc)],
                                     mask=inside[:, None], other=0)
             else:
                 hi = h * sh + a * dh - pad_top
