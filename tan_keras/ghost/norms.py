@@ -268,10 +268,14 @@ def _padded_windows(inputs, kernel_size, strides, padding, dilation_rate):
     spatial_pads, outs = conv_padding(x.shape[1:-1], kernel_size, strides, padding, dilation_rate)
     if any(p != [0, 0] for p in spatial_pads):
         x = ops.pad(x, [[0, 0]] + spatial_pads + [[0, 0]])
-    windows = [tuple(slice(j * d, j * d + s * (out - 1) + 1, s)
-                     for j, d, s, out in zip(offset, dilation_rate, strides, outs))
-               for offset in itertools.product(*(range(k) for k in kernel_size))]
-    return x, windows, outs
+    return x, _windows(kernel_size, strides, dilation_rate, outs), outs
+
+
+def _windows(kernel_size, strides, dilation_rate, outs):
+    """One tuple of spatial slices of the padded input per kernel offset (row-major): the pixels it multiplies."""
+    return [tuple(slice(j * d, j * d + s * (out - 1) + 1, s)
+                  for j, d, s, out in zip(offset, dilation_rate, strides, outs))
+            for offset in itertools.product(*(range(k) for k in kernel_size))]
 
 
 def patch_gram(inputs, kernel_size, strides, padding, dilation_rate):
@@ -282,18 +286,24 @@ def patch_gram(inputs, kernel_size, strides, padding, dilation_rate):
 
         ⟨patch_t, patch_s⟩ = Σ_j G[p_j(t), p_j(s)],      G = x xᵀ over the padded input's pixels:
 
-    one matmul of the padded input with itself and a sum of k strided
-    windows of ``G``, instead of one Gram per offset over k copies of the
-    input (``shifted_inputs``). Under AugMult the example's positions are its
-    K views' (``positions``): ``G`` then spans the K views' pixels.
+    one matmul of the input with itself and a sum of k strided windows of
+    ``G``, instead of one Gram per offset over k copies of the input
+    (``shifted_inputs``). A padding pixel is 0, so ``G`` is the Gram of the
+    unpadded input with zero rows and columns added: the matmul runs on the
+    input's own pixels (WRN's 8×8 layers: 64 instead of 100 per side) and
+    no padded copy of the input is made. Under AugMult the example's
+    positions are its K views' (``positions``): ``G`` then spans the K
+    views' pixels.
     """
-    x, windows, outs = _padded_windows(inputs, kernel_size, strides, padding, dilation_rate)
-    spatial = tuple(x.shape[1:-1])
-    flat = positions(x, x.shape[-1])  # (n, K·P, C)
+    spatial = tuple(inputs.shape[1:-1])
+    spatial_pads, outs = conv_padding(spatial, kernel_size, strides, padding, dilation_rate)
+    flat = positions(inputs, inputs.shape[-1])  # (n, K·P, C)
     views = flat.shape[1] // math.prod(spatial)
     gram = ops.reshape(einsum_f32("bpc,bqc->bpq", flat, flat), (-1, views) + spatial + (views,) + spatial)
+    if any(p != [0, 0] for p in spatial_pads):
+        gram = ops.pad(gram, [[0, 0], [0, 0]] + spatial_pads + [[0, 0]] + spatial_pads)
     total = 0.0
-    for window in windows:
+    for window in _windows(kernel_size, strides, dilation_rate, outs):
         total = total + gram[(slice(None), slice(None)) + window + (slice(None),) + window]
     size = views * math.prod(outs)
     return ops.reshape(total, (-1, size, size))
