@@ -406,8 +406,9 @@ def _kernel(x_ref, g_ref, out_ref, sq_ref, *, views, num_t, time_block, bc, bp, 
     ``layout`` "shift": one slice of the flat input, from flat pixel
     ``t0 + (a·d_h − pad_top)·W + b·d_w − pad_left`` (``base`` rows on in
     ``x_ref``), its rows outside the image (flat index below 0 or past the
-    last pixel) and its columns outside it masked; "gather": each pixel's index computed, clamped to a valid one where it is
-    padding, and its value masked. Positions past the last are masked in ``g``.
+    last pixel) and its columns outside it masked; "gather": each pixel's
+    index computed, clamped to a valid one where it is padding, and its
+    value masked. Positions past the last are masked in ``g``.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
