@@ -103,13 +103,23 @@ def _operands(batch_size, shape, dtype):
     return x, jnp.asarray(rng.normal(size=(batch_size, out_side, out_side, filters)), dtype)
 
 
+def _summed_vjp(x, g, precision=None, *, k, strides):
+    """The non-private (cuDNN) kernel gradient of a k×k "same" conv, summed over the batch: JAX's conv VJP."""
+    import jax
+    import jax.numpy as jnp
+
+    def conv(kernel):
+        return jax.lax.conv_general_dilated(x, kernel, strides, "SAME", precision=precision,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.vjp(conv, jnp.zeros((k, k, x.shape[-1], g.shape[-1]), x.dtype))[1](g)[0]
+
+
 def run(batch_size, shapes, dtypes, configs, repeats=20):
     """A list of ``{shape, dtype, method, ms, err_vs_f64}`` rows (see the module docstring).
 
     The kernel runs as ``TAN_KERAS_FUSED_CONV`` says (``--interpret`` sets it to ``interpret``).
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from tan_keras.ghost.norms import matmul_per_example_grads, shifted_inputs
@@ -119,7 +129,7 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
     empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
     rows = []
     for shape in shapes:
-        k, strides, channels, filters = _parse(shape)
+        k, strides, channels, _ = _parse(shape)
         for dtype in dtypes:
             x, g = _operands(batch_size, shape, dtype)
             launch = median_ms(empty, x, g, repeats=repeats)
@@ -129,13 +139,8 @@ def run(batch_size, shapes, dtypes, configs, repeats=20):
                 blocks = shifted_inputs(x, (k, k), strides, "same", (1, 1))
                 return matmul_per_example_grads(blocks, g.reshape(g.shape[0], -1, g.shape[-1]))
 
-            def summed(x, g):
-                def conv(kernel):
-                    return jax.lax.conv_general_dilated(x, kernel, strides, "SAME",
-                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                return jax.vjp(conv, jnp.zeros((k, k, channels, filters), x.dtype))[1](g)[0]
-
-            methods = [("xla patches", patches), ("cudnn summed wgrad", summed)]
+            methods = [("xla patches", patches),
+                       ("cudnn summed wgrad", functools.partial(_summed_vjp, k=k, strides=strides))]
             for config in configs:
                 time_block, block, rows_flag, warps, stages = (int(v) for v in config.split(":"))
                 methods.append((f"fused {config}", functools.partial(
@@ -178,17 +183,11 @@ def run_summed(batch_size, shapes, dtypes, configs, repeats=20, fp32_any_width=F
     empty = jax.jit(lambda x, g: x[0, 0, 0, 0] + g[0, 0, 0, 0])
     rows = []
     for shape in shapes:
-        k, strides, channels, filters = _parse(shape)
+        k, strides, _, filters = _parse(shape)
         for dtype in dtypes:
             x, g = _operands(batch_size, shape, dtype)
             launch = median_ms(empty, x, g, repeats=repeats)
-
-            def vjp(x, g, precision=None):
-                def conv(kernel):
-                    return jax.lax.conv_general_dilated(x, kernel, strides, "SAME", precision=precision,
-                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                return jax.vjp(conv, jnp.zeros((k, k, channels, filters), x.dtype))[1](g)[0]
-
+            vjp = functools.partial(_summed_vjp, k=k, strides=strides)
             want = np.asarray(jax.jit(lambda x, g: vjp(x.astype(jnp.float32), g.astype(jnp.float32),
                                                        "highest"))(x, g), np.float64).reshape(-1, filters)
             methods = [
