@@ -2,7 +2,9 @@
 
 Pure tensor math in backend-neutral ``keras.ops``. Nothing here knows about
 models, optimizers, sampling or accounting: the train step (one per backend
-in ``tan_keras.per_example``) is the only place where they meet.
+in ``tan_keras.per_example``) is the only place where they meet. The one fact
+about the device read here is whether its float32 matmuls round their
+operands (``weighted_sum``).
 
 DP-SGD (TAN Eq. 2, Abadi et al. 2016) replaces the mean gradient by
 
@@ -15,6 +17,8 @@ import math
 
 import keras
 from keras import ops
+
+from tan_keras import per_example
 
 
 def global_norms(per_unit_grads):
@@ -76,13 +80,19 @@ def weighted_sum(per_unit_grads, weights, drop=None):
 
     16-bit ``g_i`` (a fused kernel's per-example gradients of a bf16 layer)
     are summed in float32 with float32 weights: ``w_i`` is not rounded, and the
-    sum is in float32, of the same 16-bit values the norms squared.
+    sum is in float32, of the same 16-bit values the norms squared. So are
+    float32 ``g_i`` where the device's float32 matmuls round their operands
+    (TF32 on a GPU, ``per_example.float32_matmul_bits``): as a matmul, the sum
+    would add ``tf32(w_i)·tf32(g_i)``, up to ``(1 + 2⁻¹¹)²·C`` for a clipped
+    unit; elementwise products keep ``‖w_i g_i‖ ≤ C`` to float32 rounding.
     """
     keep = weights != 0
+    rounding_matmuls = per_example.float32_matmul_bits() < 24
 
     def one(g, drop):
         g = zero_rows(g, keep) if drop else g
-        if keras.backend.standardize_dtype(g.dtype) in ("bfloat16", "float16"):
+        dtype = keras.backend.standardize_dtype(g.dtype)
+        if dtype in ("bfloat16", "float16") or (dtype == "float32" and rounding_matmuls):
             w = ops.reshape(ops.cast(weights, "float32"), (-1,) + (1,) * (len(g.shape) - 1))
             return ops.sum(w * ops.cast(g, "float32"), axis=0)
         return ops.tensordot(ops.cast(weights, g.dtype), g, axes=1)

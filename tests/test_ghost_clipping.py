@@ -138,6 +138,20 @@ def test_weighted_sum_of_bf16_per_example_grads_uses_float32_weights_and_sum():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_weighted_sum_of_float32_per_example_grads_keeps_each_product_exact_on_this_device():
+    """float32 per-example gradients: each unit adds ``w_i·g_i`` at float32 precision, on a GPU too, where a matmul
+    of the same operands (TF32) would round both to 11 bits (~1e-3 off): against float64 numpy, one unit, and a
+    batch of 64."""
+    rng = np.random.default_rng(1)
+    for units in (1, 64):
+        grads = rng.normal(size=(units, 5, 7)).astype("float32")
+        factors = rng.uniform(0.1, 1.0, size=(units,)).astype("float32")
+        got = np.asarray(clipping.weighted_sum([keras.ops.convert_to_tensor(grads)],
+                                               keras.ops.convert_to_tensor(factors))[0], np.float64)
+        want = np.einsum("b,bij->ij", factors.astype(np.float64), grads.astype(np.float64))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def benchmark_cnn():
     """``experiments/benchmark.py``'s CNN: strided Conv2D + GroupNorm, twice, then two Dense."""
     from experiments import benchmark
@@ -426,6 +440,172 @@ def test_bf16_book_keeping_clips_ordinary_examples_to_the_margin_reduced_norm_wi
     want = sum(f * np.concatenate([np.ravel(g) for g in grads]) for f, grads in zip(factors, per_example))
     # bf16 sums: 2.4% apart (the bias gradients' rounding); any one example halved: 17-21% apart here.
     assert np.linalg.norm(got - want) < 0.08 * np.linalg.norm(want)
+
+
+def _tf32(x):
+    """float32 rounded to nearest (ties to even) at 11 significant bits, TF32's, by numpy's frexp/rint/ldexp."""
+    m, e = np.frexp(np.asarray(x, np.float64))  # m in [0.5, 1): 11 bits are m·2¹¹ rounded to an integer
+    return np.ldexp(np.rint(m * 2.0**11) / 2.0**11, e).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 11])
+def test_round_significand_rounds_float32_to_nearest_even_at_the_given_bits(bits):
+    """Against ml_dtypes' bfloat16 cast (8 bits) and numpy's frexp/rint (11, TF32): random values of either
+    sign, exact ties (to even), a carry into the exponent, zero; non-finite values pass unchanged."""
+    import ml_dtypes
+    from keras import ops
+
+    rng = np.random.default_rng(0)
+    half = 2.0 ** -bits  # half a unit in the last kept place of a value in [1, 2)
+    special = [1 + half, 1 + 3 * half, 2 - half / 2, -(1 + half), 0.0, 3.0e38, 1e-30, -7.5]
+    x = np.concatenate([rng.normal(size=4000) * 10.0 ** rng.integers(-20, 20, size=4000), special])
+    x = x.astype(np.float32)
+    want = x.astype(ml_dtypes.bfloat16).astype(np.float32) if bits == 8 else _tf32(x)
+    got = np.asarray(tan_keras.per_example.round_significand(ops.convert_to_tensor(x), bits))
+    np.testing.assert_array_equal(got, want)
+    assert got[-8] == 1.0 and got[-7] == 1 + 4 * half and got[-6] == 2.0  # the ties went to even, the carry up
+    odd = np.array([np.inf, -np.inf, np.nan], np.float32)
+    out = np.asarray(tan_keras.per_example.round_significand(ops.convert_to_tensor(odd), bits))
+    assert out[0] == np.inf and out[1] == -np.inf and np.isnan(out[2])
+    np.testing.assert_array_equal(np.asarray(tan_keras.per_example.round_significand(ops.convert_to_tensor(x), 24)),
+                                  x)
+
+
+def test_float32_matmul_bits_reads_the_bits_a_matmul_keeps():
+    """The probe counts the bits of ``1 + 2⁻ʲ`` rows that come back from a product with the identity: 24 from an
+    exact matmul, 11 and 8 from products rounded as TF32 and bf16 are; this backend's device: 24 on a CPU (11 on
+    a GPU at the default TF32 precision)."""
+    import ml_dtypes
+
+    from tan_keras.per_example import rounding
+
+    rows, identity = rounding.probe_operands()
+    assert rounding.kept_bits(rows @ identity) == 24
+    assert rounding.kept_bits(_tf32(rows) @ identity) == 11
+    assert rounding.kept_bits(rows.astype(ml_dtypes.bfloat16).astype(np.float32) @ identity) == 8
+    on_gpu = bool(keras.config.backend() == "jax" and __import__("jax").default_backend() == "gpu")
+    assert tan_keras.per_example.float32_matmul_bits() == (11 if on_gpu else 24)
+
+
+def _tf32_alternating(positions=64):
+    """Output gradients alternating 1 and −(1 − 2⁻¹⁰) (TF32 values): their sum, 2⁻⁵, cancels 64 unit terms."""
+    return np.where(np.arange(positions) % 2 == 0, 1.0, -(1.0 - 2.0**-10)).astype("float32")
+
+
+def _tf32_case(layer, inputs_shape, x, v, width):
+    """A private model ``layer`` → fixed readout (``∂ℓ/∂z[:, t, 0] = v_t``), float32, ghost clipping."""
+    u = np.zeros((len(v), width), "float32")
+    u[:, 0] = v
+    inputs = keras.Input(inputs_shape, dtype=x.dtype)
+    model = tan_keras.make_private(keras.Model(inputs, _Readout(u)(layer(inputs))), clipping="ghost")
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                  loss=lambda y_true, y_pred: y_pred[:, 0])
+    return model
+
+
+def _tf32_device(device, monkeypatch):
+    """"TF32 emulated": the device reports 11 bits (on a CPU, its matmuls stay exact); "this device": the real
+    ones (a GPU). Returns whether the matmuls underneath are exact."""
+    exact = tan_keras.per_example.float32_matmul_bits() == 24
+    if device == "TF32 emulated":
+        monkeypatch.setattr(tan_keras.per_example, "float32_matmul_bits", lambda: 11)
+    elif exact:
+        pytest.skip("this device's float32 matmuls keep all 24 bits (no TF32): nothing is rounded")
+    return exact
+
+
+def _contribution_norm(model, x, l2_norm_clip):
+    """``(‖clipped sum‖, norms)`` of a one-example batch: that example's clipped contribution."""
+    from keras import ops
+
+    got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, x, np.zeros((len(x), 1)), l2_norm_clip)
+    got = np.sqrt(sum(float(np.sum(np.square(np.asarray(ops.cast(g, "float32"), np.float64)))) for g in got_sum))
+    return got, np.asarray(got_norms)
+
+
+@pytest.mark.parametrize("device", ["TF32 emulated", "this device"])
+def test_tf32_dense_contribution_is_bounded_a_priori_within_the_clip_norm(device, monkeypatch):
+    """A float32 Dense on 64 positions (input e₁ everywhere, output gradients ``v`` alternating 1 and −(1 − 2⁻¹⁰)),
+    ‖∇W‖ = 2⁻⁵. Where matmuls round to TF32 a book-keeping matmul at the plain factor c = C/‖∇W‖ adds
+    ``Σ_t tf32(c·v_t)`` = 1.93·C (so it did on an H200 before). The Dense rule's operands bound that rounding a
+    priori: the factor clips ``N + κ‖a‖_F‖g‖_F`` (``bookkeeping.rounding_slack``), and the contribution stays
+    within C; with exact matmuls under it (emulated on a CPU) it is ``C·N/(N + κ‖a‖‖g‖)`` (to the float32
+    rounding of ``c·g``, which these cancelling positions amplify to 5e-5)."""
+    from tan_keras.ghost import bookkeeping, registry
+
+    exact = _tf32_device(device, monkeypatch)
+    positions, width = 64, 256
+    assert registry.use_ghost(positions, width, width)
+    v = _tf32_alternating(positions)
+    x = np.zeros((1, positions, width), "float32")
+    x[0, :, 0] = 1.0
+    model = _tf32_case(keras.layers.Dense(width, use_bias=False), (positions, width), x, v, width)
+    l2_norm_clip = 0.01619749
+    c = np.float32(np.float32(l2_norm_clip) / np.float32(2.0**-5))
+    assert np.sum(_tf32(c * v).astype(np.float64)) > 1.9 * l2_norm_clip
+
+    got, norms = _contribution_norm(model, x, l2_norm_clip)
+    np.testing.assert_allclose(norms, [2.0**-5], rtol=1e-6)
+    assert got <= l2_norm_clip
+    if exact:
+        u = 2.0**-10  # TF32's 11 bits: the largest relative rounding error, to nearest or truncated
+        kappa = (1 + u) * (4 * u + 2.0**-22) / (1 - u) ** 2
+        assert bookkeeping.rounding_slack(11) == pytest.approx(kappa, rel=1e-12)
+        slack = kappa * np.sqrt(positions) * np.linalg.norm(v.astype(np.float64))  # ‖a‖_F = √64: e₁ everywhere
+        np.testing.assert_allclose(got, l2_norm_clip * 2.0**-5 / (2.0**-5 + slack), rtol=2e-4)
+
+
+@pytest.mark.parametrize("device", ["TF32 emulated", "this device"])
+def test_tf32_embedding_contribution_is_measured_and_halved_within_the_clip_norm(device, monkeypatch):
+    """A rule without operand bounds (Embedding) is measured where matmuls round: its cotangent is rounded to
+    TF32 once, explicitly, for the norm of what it adds and for the share itself. One id at 64 positions and the
+    alternating gradients: the share at the margin-reduced factor would be 1.93·C; the step measures it and
+    halves the factor, so the example's contribution stays within C."""
+    from tan_keras.ghost import bookkeeping
+
+    _tf32_device(device, monkeypatch)
+    positions, width = 64, 256
+    v = _tf32_alternating(positions)
+    ids = np.zeros((1, positions), "int32")
+    model = _tf32_case(keras.layers.Embedding(4, width), (positions,), ids, v, width)
+    l2_norm_clip = 0.01618556
+    c = np.float32(np.float32(l2_norm_clip / (1.0 + bookkeeping.ROUNDING_MARGIN)) / np.float32(2.0**-5))
+    assert np.sum(_tf32(c * v).astype(np.float64)) > 1.9 * l2_norm_clip
+
+    got, norms = _contribution_norm(model, ids, l2_norm_clip)
+    np.testing.assert_allclose(norms, [2.0**-5], rtol=1e-6)
+    assert 0.4 * l2_norm_clip < got <= l2_norm_clip
+
+
+def test_tf32_bound_costs_ordinary_clipped_examples_under_two_percent_of_their_norm(monkeypatch):
+    """With ordinary data (two tanh Dense layers on 16 positions, ghost form) the a-priori TF32 bound shrinks a
+    clipped example's contribution by ``N/(N + slack)``: each example alone, against a one-example loop of the
+    backend's autodiff, keeps its direction and comes out within 2% below C (emulated 11 bits, exact matmuls)."""
+    from keras import ops
+
+    from tan_keras.ghost import registry
+
+    monkeypatch.setattr(tan_keras.per_example, "float32_matmul_bits", lambda: 11)
+    assert registry.use_ghost(16, 48, 48)  # both hidden Dense layers take the ghost form
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 48))
+    h = keras.layers.Dense(48, activation="tanh")(inputs)
+    h = keras.layers.Dense(48)(h)
+    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(h))
+    model = tan_keras.make_private(keras.Model(inputs, out), clipping="ghost")
+    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 16, 48)).astype("float32")
+    y = rng.integers(0, 3, size=(6,))
+    loop = [np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in grads])
+            for grads in tan_keras.per_example.loop_per_example_gradients(model, x, y)]
+    l2_norm_clip = 0.5 * min(np.linalg.norm(g) for g in loop)  # every example is clipped
+    for i, want in enumerate(loop):
+        got_sum, _ = tan_keras.per_example.clipped_sum_and_norms(model, x[i:i + 1], y[i:i + 1], l2_norm_clip)
+        got = np.concatenate([np.ravel(np.asarray(ops.cast(g, "float32"), np.float64)) for g in got_sum])
+        assert 0.98 * l2_norm_clip < np.linalg.norm(got) <= l2_norm_clip
+        assert np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)) > 1 - 1e-6
 
 
 def _bf16_strided_conv_case(layer, seed):

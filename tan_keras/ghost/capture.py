@@ -63,12 +63,21 @@ def call_inputs(layer, args, kwargs):
     return args[0] if args else kwargs[next(iter(layer._call_signature.parameters))]
 
 
+def _with_input(call, fn):
+    """``call`` with ``fn`` applied to its floating input (in ``inputs`` and in the arguments it was given as)."""
+    inputs = call_inputs(call.layer, call.args, call.kwargs)
+    if not (ops.is_tensor(inputs) and "float" in str(inputs.dtype)):
+        return call
+    new = fn(inputs)
+    if call.args:
+        return dataclasses.replace(call, inputs=new, args=(new,) + tuple(call.args[1:]))
+    name = next(iter(call.layer._call_signature.parameters))
+    return dataclasses.replace(call, inputs=new, kwargs={**call.kwargs, name: new})
+
+
 def _drop_examples(call, keep):
     """``call`` with the rows of its (floating) input zeroed where ``keep`` is False."""
-    inputs = call_inputs(call.layer, call.args, call.kwargs)
-    if not (call.args and ops.is_tensor(inputs) and "float" in str(inputs.dtype)):
-        return call
-    return dataclasses.replace(call, args=(clipping.zero_rows(inputs, keep),) + tuple(call.args[1:]))
+    return _with_input(call, lambda inputs: clipping.zero_rows(inputs, keep))
 
 
 def pre_activation_output(call):

@@ -88,7 +88,8 @@ def dense_weight_grads(layer, inputs, cotangent):
 
 
 @register_ghost_norm(keras.layers.Dense, activation_attr="activation", unsupported=_no_lora_or_quantization,
-                     per_example_grads=dense_per_example_grads, views=True, weight_grads=dense_weight_grads)
+                     per_example_grads=dense_per_example_grads, views=True, weight_grads=dense_weight_grads,
+                     matmul_share=lambda layer, inputs: True)
 def dense_sq_norms(layer, inputs, output_grad):
     """Dense on ``(B, ..., d)``: every leading non-batch axis is a position t."""
     g = positions(output_grad, layer.units)
@@ -128,8 +129,23 @@ def _einsum_dense_unsupported(layer):
     return None
 
 
+def _einsum_kernel_letters(layer, inputs):
+    """``(inp, ker, out, k_in, k_out)``: an EinsumDense's subscripts and its kernel's contracted and output letters."""
+    inp, ker, out = _einsum_subscripts(layer, len(inputs.shape))
+    k_in = "".join(c for c in ker if c in inp and c not in out)
+    k_out = "".join(c for c in ker if c in out and c not in inp)
+    return inp, ker, out, k_in, k_out
+
+
+def einsum_dense_matmul_share(layer, inputs):
+    """Whether an EinsumDense's kernel gradient has the matmul form (no kernel letter on both sides), so that
+    its rule's norm passes it to ``norms.matmul_grad_sq_norms`` (``registry.GhostNormRule.matmul_share``)."""
+    _, ker, _, k_in, k_out = _einsum_kernel_letters(layer, inputs)
+    return len(k_in) + len(k_out) == len(ker)
+
+
 @register_ghost_norm(keras.layers.EinsumDense, activation_attr="activation", unsupported=_einsum_dense_unsupported,
-                     views=True)
+                     views=True, matmul_share=einsum_dense_matmul_share)
 def einsum_dense_sq_norms(layer, inputs, output_grad):
     """EinsumDense ``out = einsum(eq, a, W) + b`` as a matmul over positions.
 
@@ -138,13 +154,11 @@ def einsum_dense_sq_norms(layer, inputs, output_grad):
     side. A kernel letter on both sides (elementwise use of the kernel) has no
     matmul form: the explicit per-example gradient ``einsum(a, g)`` is used.
     """
-    inp, ker, out = _einsum_subscripts(layer, len(inputs.shape))
+    inp, ker, out, k_in, k_out = _einsum_kernel_letters(layer, inputs)
     batch = inp[0]
     a, g = _f32(inputs), _f32(output_grad)
     total = 0.0
     if _trainable(layer.kernel):
-        k_in = "".join(c for c in ker if c in inp and c not in out)
-        k_out = "".join(c for c in ker if c in out and c not in inp)
         if len(k_in) + len(k_out) < len(ker):
             total = total + per_example_sum_sq(example_sums(ops.einsum(f"{inp},{out}->{batch}{ker}", a, g)))
         else:
@@ -239,7 +253,7 @@ def conv_weight_grads(layer, inputs, cotangent):
 
 @register_ghost_norm(keras.layers.Conv1D, keras.layers.Conv2D, activation_attr="activation",
                      unsupported=_conv_unsupported, per_example_grads=conv_per_example_grads, views=True,
-                     weight_grads=conv_weight_grads)
+                     weight_grads=conv_weight_grads, matmul_share=lambda layer, inputs: True)
 def conv_sq_norms(layer, inputs, output_grad):
     """Conv1D/Conv2D: the matmul ``patches_i (T × k·C) @ W (k·C × filters)``, T = output positions.
 

@@ -45,6 +45,7 @@ from tan_keras.ghost.registry import use_ghost
 from tan_keras.per_example import einsum_f32, fused_conv_per_example_grads, fused_conv_weight_grad
 
 _ROWS = [1]  # rows of a layer's batch per example: K under AugMult (``example_rows``)
+_OPERAND_NORMS = [None]  # while ``operand_norms`` is active: its list of ‖a_i‖_F ‖g_i‖_F, one per matmul
 
 
 @contextlib.contextmanager
@@ -56,6 +57,29 @@ def example_rows(rows):
         yield
     finally:
         _ROWS[0] = previous
+
+
+@contextlib.contextmanager
+def operand_norms():
+    """While active, each ``matmul_grad_sq_norms`` appends ``‖a_i‖_F ‖g_i‖_F`` (B,) of its two operands to the
+    yielded list: read off the Grams' traces in the ghost form (``‖a_i‖²_F = tr(a_i a_iᵀ)``), so at no extra
+    pass over the operands. Book-keeping bounds a GPU's TF32 rounding with them (``bookkeeping.rounding_slack``)."""
+    previous = _OPERAND_NORMS[0]
+    _OPERAND_NORMS[0] = found = []
+    try:
+        yield found
+    finally:
+        _OPERAND_NORMS[0] = previous
+
+
+def _record_operand_norms(a_sq, g_sq):
+    if _OPERAND_NORMS[0] is not None:
+        _OPERAND_NORMS[0].append(ops.sqrt(ops.maximum(a_sq, 0.0) * ops.maximum(g_sq, 0.0)))
+
+
+def _trace(gram):
+    """``tr(G_i)`` (B,) of a batch of (B, T, T) Grams."""
+    return ops.sum(ops.diagonal(gram, axis1=1, axis2=2), axis=1)
 
 
 def num_examples(x):
@@ -111,14 +135,18 @@ def matmul_grad_sq_norms(a, g, gram_a=None):
     blocks = _as_blocks(a)
     num_positions, out_dim = g.shape[1], g.shape[2]
     in_dim = sum(b.shape[2] for b in blocks)
-    if num_positions == 1:
-        a_sq = sum(ops.sum(ops.square(_f32(b)), axis=(1, 2)) for b in blocks)
-        return a_sq * ops.sum(ops.square(_f32(g)), axis=(1, 2))
-    if use_ghost(num_positions, in_dim, out_dim):
-        gram_a = gram_a() if gram_a is not None else sum(einsum_f32("btd,bsd->bts", b, b) for b in blocks)
-        gram_g = einsum_f32("btp,bsp->bts", g, g)
-        return ops.sum(gram_a * gram_g, axis=(1, 2))
-    return per_example_sum_sq(matmul_per_example_grads(blocks, g))
+    if num_positions == 1 or not use_ghost(num_positions, in_dim, out_dim):
+        if num_positions == 1 or _OPERAND_NORMS[0] is not None:
+            a_sq = sum(ops.sum(ops.square(_f32(b)), axis=(1, 2)) for b in blocks)
+            g_sq = ops.sum(ops.square(_f32(g)), axis=(1, 2))
+            _record_operand_norms(a_sq, g_sq)
+        if num_positions == 1:
+            return a_sq * g_sq
+        return per_example_sum_sq(matmul_per_example_grads(blocks, g))
+    gram_a = gram_a() if gram_a is not None else sum(einsum_f32("btd,bsd->bts", b, b) for b in blocks)
+    gram_g = einsum_f32("btp,bsp->bts", g, g)
+    _record_operand_norms(_trace(gram_a), _trace(gram_g))
+    return ops.sum(gram_a * gram_g, axis=(1, 2))
 
 
 def matmul_per_example_grads(a, g):

@@ -63,6 +63,14 @@ class GhostNormRule:
         256 → 256, B = 1,024: 0.67 ms against 0.48 for the Conv2D rule's
         nine bf16 matmuls with float32 results; WRN-16-4's bf16 ghost step
         went from 65.1k to 71.6k–72.2k ex/s).
+      matmul_share: optional ``(layer, inputs) -> bool``: whether the layer's
+        ghost-form share of the clipped sum is exactly the weight-gradient
+        matmuls ``a_iᵀ g_i`` that ``sq_norms`` passes to
+        ``norms.matmul_grad_sq_norms`` (its input, or a conv's patches, and
+        its output gradient), plus sums of the cotangent. Where a GPU's
+        float32 matmuls round their operands (TF32), book-keeping then bounds
+        that rounding a priori from those operands' norms instead of
+        measuring the rounded contribution (``bookkeeping.rounding_slack``).
       views: whether the rule is exact when an example is K consecutive rows
         of the layer's batch (AugMult's K views, ``norms.example_rows``):
         it finds the examples with ``norms.positions`` / ``num_examples``
@@ -76,13 +84,14 @@ class GhostNormRule:
     per_example_grads: Optional[Callable] = None
     views: bool = False
     weight_grads: Optional[Callable] = None
+    matmul_share: Optional[Callable] = None
 
 
 _RULES = {}
 
 
 def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, per_example_grads=None, views=False,
-                        weight_grads=None):
+                        weight_grads=None, matmul_share=None):
     """Decorator registering ``fn(layer, inputs, output_grad) -> (B,)`` for layer classes.
 
     ``layer_types`` are Keras layer classes, or registered Keras names
@@ -96,7 +105,7 @@ def register_ghost_norm(*layer_types, activation_attr=None, unsupported=None, pe
     """
 
     def decorator(fn):
-        rule = GhostNormRule(fn, activation_attr, unsupported, per_example_grads, views, weight_grads)
+        rule = GhostNormRule(fn, activation_attr, unsupported, per_example_grads, views, weight_grads, matmul_share)
         for layer_type in layer_types:
             _RULES[layer_type] = rule
         return fn

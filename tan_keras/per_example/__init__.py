@@ -80,3 +80,24 @@ def fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation_rate):
     float32 accumulators (``jax/conv_grads.py``); elsewhere None.
     """
     return _backend_module().fused_conv_weight_grad(x, g, kernel_size, strides, padding, dilation_rate)
+
+
+def float32_matmul_bits():
+    """Significand bits a default-precision float32 matmul keeps of its operands on this backend's device.
+
+    24 (all) on a CPU; 11 where a GPU multiplies float32 as TF32 (JAX's
+    default matmul precision, TensorFlow's TensorFloat-32 execution): each
+    operand rounded to 11 bits, exact products, float32 sums. Probed with
+    one small matmul on the device (``rounding``).
+    """
+    return _backend_module().float32_matmul_bits()
+
+
+def round_significand(x, bits):
+    """float32 ``x`` rounded to nearest (ties to even) at ``bits`` significant bits (24: unchanged).
+
+    A matmul that keeps ``bits`` bits multiplies such values exactly: what
+    ghost book-keeping feeds a TF32 matmul so that its measurement of the
+    clipped contribution and the contribution read the same values.
+    """
+    return _backend_module().round_significand(x, bits)

@@ -1,9 +1,13 @@
 """TensorFlow helpers shared by the step and both strategies: the oneDNN workarounds, the scalar loss, the batch size."""
 
 import contextlib
+import functools
 
+import numpy as np
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss
+
+from tan_keras.per_example import rounding
 
 
 def compiled(fn):
@@ -140,6 +144,33 @@ def einsum_f32(equation, a, b):
     """einsum in at least float32 (``tf.einsum`` has no accumulation type: the operands are cast; float64 stays)."""
     dtype = tf.float64 if tf.float64 in (tf.as_dtype(a.dtype), tf.as_dtype(b.dtype)) else tf.float32
     return tf.einsum(equation, tf.cast(a, dtype), tf.cast(b, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _probed_bits(tensor_float_32, gpus):
+    with tf.init_scope():  # eagerly, on the default device, even while a step is traced
+        rows, identity = rounding.probe_operands()
+        product = tf.matmul(tf.constant(rows), tf.constant(identity)).numpy()
+    return rounding.kept_bits(product)
+
+
+def float32_matmul_bits():
+    """Significand bits a float32 matmul keeps of its operands here (``rounding``): 24 on a CPU, 11 on a GPU
+    with TensorFloat-32 execution (TensorFlow's default). Probed once per setting and set of GPUs."""
+    gpus = tuple(d.name for d in tf.config.list_logical_devices("GPU"))
+    return _probed_bits(tf.config.experimental.tensor_float_32_execution_enabled(), gpus)
+
+
+def round_significand(x, bits):
+    """float32 ``x`` rounded to nearest (ties to even) at ``bits`` significant bits; non-finite values kept
+    (on the bit pattern, as the JAX backend's)."""
+    drop = rounding.FLOAT32_BITS - bits
+    if drop <= 0:
+        return x
+    u = tf.bitcast(x, tf.int32)
+    last_kept = tf.bitwise.bitwise_and(tf.bitwise.right_shift(u, drop), 1)
+    u = tf.bitwise.bitwise_and(u + ((1 << (drop - 1)) - 1) + last_kept, -(1 << drop))
+    return tf.where(tf.math.is_finite(x), tf.bitcast(u, tf.float32), x)
 
 
 def fused_conv_per_example_grads(x, g, kernel_size, strides, padding, dilation_rate, views=1):
