@@ -411,25 +411,34 @@ def test_bf16_book_keeping_keeps_an_examples_clipped_contribution_within_the_cli
     assert 0.4 * l2_norm_clip < got <= l2_norm_clip
 
 
-def test_bf16_book_keeping_clips_ordinary_examples_to_the_margin_reduced_norm_without_halving():
-    """With ordinary data the rounding of ``c ⊙ g`` is ~1e-3 of the norm, inside the 2⁻⁷ margin: every example
-    is clipped to C/(1 + 2⁻⁷) exactly as plain clipping would (none halved), against a one-example loop."""
-    from keras import ops
-
-    from tan_keras.ghost import bookkeeping, registry
+def _two_dense_token_case(hidden_dtype):
+    """``(private model, x, y)``: two hidden Dense layers (tanh, then linear) on 16 positions of width 48, both
+    in the ghost form, in ``hidden_dtype`` (None: the default float32), then token mean and a float32 Dense head;
+    six examples of seeded normal data and 3 classes."""
+    from tan_keras.ghost import registry
 
     assert registry.use_ghost(16, 48, 48)  # both hidden Dense layers take the ghost form
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 48))
-    h = keras.layers.Dense(48, activation="tanh", dtype="mixed_bfloat16")(inputs)
-    h = keras.layers.Dense(48, dtype="mixed_bfloat16")(h)
+    h = keras.layers.Dense(48, activation="tanh", dtype=hidden_dtype)(inputs)
+    h = keras.layers.Dense(48, dtype=hidden_dtype)(h)
     out = keras.layers.Dense(3, dtype="float32")(keras.layers.GlobalAveragePooling1D(dtype="float32")(h))
     model = tan_keras.make_private(keras.Model(inputs, out), clipping="ghost")
     model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 16, 48)).astype("float32")
-    y = rng.integers(0, 3, size=(6,))
+    return model, x, rng.integers(0, 3, size=(6,))
+
+
+def test_bf16_book_keeping_clips_ordinary_examples_to_the_margin_reduced_norm_without_halving():
+    """With ordinary data the rounding of ``c ⊙ g`` is ~1e-3 of the norm, inside the 2⁻⁷ margin: every example
+    is clipped to C/(1 + 2⁻⁷) exactly as plain clipping would (none halved), against a one-example loop."""
+    from keras import ops
+
+    from tan_keras.ghost import bookkeeping
+
+    model, x, y = _two_dense_token_case("mixed_bfloat16")
     per_example = [[np.asarray(g, np.float64) for g in grads]
                    for grads in tan_keras.per_example.loop_per_example_gradients(model, x, y)]
     norms = np.array([np.sqrt(sum(np.sum(np.square(g)) for g in grads)) for grads in per_example])
@@ -583,21 +592,8 @@ def test_tf32_bound_costs_ordinary_clipped_examples_under_two_percent_of_their_n
     backend's autodiff, keeps its direction and comes out within 2% below C (emulated 11 bits, exact matmuls)."""
     from keras import ops
 
-    from tan_keras.ghost import registry
-
     monkeypatch.setattr(tan_keras.per_example, "float32_matmul_bits", lambda: 11)
-    assert registry.use_ghost(16, 48, 48)  # both hidden Dense layers take the ghost form
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((16, 48))
-    h = keras.layers.Dense(48, activation="tanh")(inputs)
-    h = keras.layers.Dense(48)(h)
-    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(h))
-    model = tan_keras.make_private(keras.Model(inputs, out), clipping="ghost")
-    model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=1.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(6, 16, 48)).astype("float32")
-    y = rng.integers(0, 3, size=(6,))
+    model, x, y = _two_dense_token_case(None)
     loop = [np.concatenate([np.ravel(np.asarray(g, np.float64)) for g in grads])
             for grads in tan_keras.per_example.loop_per_example_gradients(model, x, y)]
     l2_norm_clip = 0.5 * min(np.linalg.norm(g) for g in loop)  # every example is clipped

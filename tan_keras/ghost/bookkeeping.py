@@ -14,6 +14,8 @@ matmuls), the factors are checked against what will be added and halved
 where needed (``_backed_off_factors``).
 """
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -75,7 +77,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                 if measured:
                     calls[index] = call = _with_input(call, _matmul_exact)
                     rounded.append(index)
-                with operand_norms() as products:
+                with operand_norms() if bits is not None else contextlib.nullcontext([]) as products:
                     term = rule.sq_norms(call.layer, call.inputs, g)
                 _check_per_example(term, like, call, "norms")
                 sq_norms = sq_norms + term
@@ -98,7 +100,6 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
                                       views)
     else:
         factors = clipping.clip_factors(clip_norms, l2_norm_clip)  # 0 for a non-finite norm
-    measured_calls = set(rounded)
     all_finite = ops.all(factors != 0)
     row_factors = _row_factors(factors, views)
     keep = row_factors != 0
@@ -118,7 +119,7 @@ def norms_and_clipped_sum(model, calls, output_grads, l2_norm_clip, layer_vjp, l
             rest = [v for v in own if id(v) not in done]
             if rest:
                 cotangent = scaled_cotangent(g, row_factors)
-                if position in measured_calls:
+                if position in rounded:
                     cotangent = _matmul_exact(cotangent)
                 if drop:
                     call, cotangent = _drop_examples(call, keep), clipping.zero_rows(cotangent, keep)
