@@ -45,6 +45,7 @@ def _define_flags():
     flags.DEFINE_integer("steps", 5, "Steps in each trace.")
     flags.DEFINE_string("output_json", None, "Optional path for the per-trace summaries as JSON.")
     flags.DEFINE_list("hlo", [], "Optional optimized-HLO text of each trace's step (plain or .gz), in order.")
+    flags.DEFINE_integer("top", 0, "Also list each phase's N longest kernels (name, ms per step, HLO op).")
 
 
 def kind(kernel):
@@ -104,9 +105,10 @@ def hlo_op_names(path):
     return names
 
 
-def summarize(path, steps, hlo=None):
+def summarize(path, steps, hlo=None, top=0):
     """``{kind: ms per step}``, ``{phase: {kind: ms}}`` and their total (all streams' kernels, overlaps counted
-    twice), for one trace; ``hlo``: the step's ``hlo_op_names`` (kernels in CUDA graphs are named only there)."""
+    twice), for one trace; ``hlo``: the step's ``hlo_op_names`` (kernels in CUDA graphs are named only there);
+    ``top``: also ``{phase: [[kernel, ms, op_name], ...]}``, its ``top`` longest kernels."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
@@ -119,6 +121,7 @@ def summarize(path, steps, hlo=None):
     stat_names = {k: v.name for k, v in gpu.stat_metadata.items()}
     totals = collections.Counter()
     phases = collections.defaultdict(collections.Counter)
+    kernels = collections.defaultdict(collections.Counter)
     for line in gpu.lines:
         for event in line.events:
             name = gpu.event_metadata[event.metadata_id].name
@@ -132,10 +135,15 @@ def summarize(path, steps, hlo=None):
                 op_name = name
             totals[kind(name)] += event.duration_ps
             phases[phase(op_name)][kind(name)] += event.duration_ps
+            kernels[phase(op_name)][(name, op_name)] += event.duration_ps
     per_step = {k: v / 1e9 / steps for k, v in totals.most_common()}
     by_phase = {p: {k: v / 1e9 / steps for k, v in phases[p].most_common()} for p in PHASES if p in phases}
-    return {"trace": path, "busy_ms_per_step": sum(per_step.values()), "ms_per_step": per_step,
-            "phase_ms_per_step": by_phase}
+    result = {"trace": path, "busy_ms_per_step": sum(per_step.values()), "ms_per_step": per_step,
+              "phase_ms_per_step": by_phase}
+    if top:
+        result["top_kernels"] = {p: [[name, ps / 1e9 / steps, op] for (name, op), ps in kernels[p].most_common(top)]
+                                 for p in PHASES if p in kernels}
+    return result
 
 
 def main(argv):
@@ -143,7 +151,7 @@ def main(argv):
     if FLAGS.hlo and len(FLAGS.hlo) != len(traces):
         raise SystemExit(f"--hlo names {len(FLAGS.hlo)} files for {len(traces)} traces: give one per trace.")
     hlos = [hlo_op_names(p) for p in FLAGS.hlo] or [None] * len(traces)
-    results = [summarize(path, FLAGS.steps, hlo) for path, hlo in zip(traces, hlos)]
+    results = [summarize(path, FLAGS.steps, hlo, FLAGS.top) for path, hlo in zip(traces, hlos)]
     for r in results:
         print(f"{r['trace']}: GPU busy {r['busy_ms_per_step']:.2f} ms/step")
         for name, ms in r["ms_per_step"].items():
@@ -152,6 +160,10 @@ def main(argv):
         for name, kinds in r["phase_ms_per_step"].items():
             print(f"   {name:<38}{sum(kinds.values()):8.2f} ms   "
                   + ", ".join(f"{k} {ms:.2f}" for k, ms in kinds.items() if ms >= 0.05))
+        for name, rows in r.get("top_kernels", {}).items():
+            print(f"  longest kernels, {name}:")
+            for kernel, ms, op in rows:
+                print(f"   {ms:7.3f} ms  {kernel[:60]:<60} {(op or '')[-110:]}")
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
             json.dump(results, f, indent=2)

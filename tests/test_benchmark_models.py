@@ -200,6 +200,15 @@ def test_profile_kernels_puts_each_kernel_in_the_phase_of_its_op_from_the_trace_
     assert result["busy_ms_per_step"] == pytest.approx(15.5e-3)
     without_hlo = profile_kernels.summarize(str(trace), steps=1)["phase_ms_per_step"]
     assert sum(without_hlo["unattributed"].values()) == pytest.approx(7.5e-3)
+    assert "top_kernels" not in result
+    # ``top``: each phase's longest kernels, longest first, with the HLO op that named them.
+    line.events.add(metadata_id=12, duration_ps=int(6e6))  # loop_slice_fusion again: 1 + 6 µs
+    trace.write_bytes(space.SerializeToString())
+    top = profile_kernels.summarize(str(trace), steps=1, hlo=profile_kernels.hlo_op_names(str(hlo)), top=1)
+    assert top["top_kernels"]["book-keeping"] == [
+        ["loop_slice_fusion", pytest.approx(7e-3), "jit(train_step)/cond/branch_1_fun/slice"]]
+    assert top["top_kernels"]["unattributed"] == [["sm90_xmma_gemm_f32f32_tf32f32", pytest.approx(5e-4), None]]
+    assert all(len(rows) == 1 for rows in top["top_kernels"].values())
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX (Pallas) kernel")
