@@ -78,8 +78,10 @@ def _record_operand_norms(a_sq, g_sq):
 
 
 def _trace(gram):
-    """``tr(G_i)`` (B,) of a batch of (B, T, T) Grams."""
-    return ops.sum(ops.diagonal(gram, axis1=1, axis2=2), axis=1)
+    """``tr(G_i)`` (B,) of a batch of (B, T, T) Grams, as ``Σ_{t,s} G_ts [t = s]``: a masked reduction of the
+    whole Gram, which XLA can fuse with the ghost norm's own reduction of it. (A diagonal is a gather: on an
+    H200 the ViT's traces took 0.23 ms of a 13.3 ms fp32 step that way.)"""
+    return ops.sum(gram * ops.eye(gram.shape[1], dtype=gram.dtype), axis=(1, 2))
 
 
 def num_examples(x):
