@@ -119,9 +119,7 @@ def summarize(path, steps, hlo=None, top=0):
         raise SystemExit(f"{path}: no GPU plane in this trace.")
     hlo = hlo or {}
     stat_names = {k: v.name for k, v in gpu.stat_metadata.items()}
-    totals = collections.Counter()
-    phases = collections.defaultdict(collections.Counter)
-    kernels = collections.defaultdict(collections.Counter)
+    kernels = collections.defaultdict(collections.Counter)  # {phase: {(kernel, op_name): ps}}
     for line in gpu.lines:
         for event in line.events:
             name = gpu.event_metadata[event.metadata_id].name
@@ -133,9 +131,13 @@ def summarize(path, steps, hlo=None, top=0):
                 op_name = hlo.get(re.sub(r"_(\d+)$", r".\1", name), hlo.get(name))
             if "tan_keras_conv_per_example_grads" in name:
                 op_name = name
-            totals[kind(name)] += event.duration_ps
-            phases[phase(op_name)][kind(name)] += event.duration_ps
             kernels[phase(op_name)][(name, op_name)] += event.duration_ps
+    totals = collections.Counter()
+    phases = collections.defaultdict(collections.Counter)
+    for p, rows in kernels.items():
+        for (name, _), ps in rows.items():
+            totals[kind(name)] += ps
+            phases[p][kind(name)] += ps
     per_step = {k: v / 1e9 / steps for k, v in totals.most_common()}
     by_phase = {p: {k: v / 1e9 / steps for k, v in phases[p].most_common()} for p in PHASES if p in phases}
     result = {"trace": path, "busy_ms_per_step": sum(per_step.values()), "ms_per_step": per_step,

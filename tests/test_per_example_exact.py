@@ -188,6 +188,11 @@ def _norms(per_example):
     return np.array([np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads)) for grads in per_example])
 
 
+def _clipped_sum(factors, per_example):
+    """The loop's ``Σ_i c_i ∇ℓ_i``, one array per trainable variable."""
+    return [sum(f * grads[j] for f, grads in zip(factors, per_example)) for j in range(len(per_example[0]))]
+
+
 def _assert_close_per_variable(model, got, expected):
     """``got[j]`` against the loop's ``expected[j]`` for each trainable variable j.
 
@@ -223,8 +228,7 @@ def test_ghost_step_norms_and_clipped_sum_equal_one_example_loop(model_fn):
     # atol: an example whose tanh saturates (dense, x·30) has a loop gradient of exactly 0, and the batched step's
     # tanh need not round to exactly ±1 as the loop's did (XLA CPU's at -O0: a norm of 1e-5 against max 1.5).
     np.testing.assert_allclose(np.asarray(got_norms), norms, rtol=1e-3, atol=1e-4 * norms.max())
-    expected = [sum(f * grads[j] for f, grads in zip(factors, want)) for j in range(len(got_sum))]
-    _assert_close_per_variable(model, got_sum, expected)
+    _assert_close_per_variable(model, got_sum, _clipped_sum(factors, want))
 
 
 @pytest.mark.parametrize("model_fn", [einsum_dense, transformer_block, wide_resnet])
@@ -423,8 +427,7 @@ def test_augmult_step_clips_each_examples_mean_over_views_as_one_example_loop(mo
     got_sum, got_norms = tan_keras.per_example.clipped_sum_and_norms(model, numpy_views(x), y, l2_norm_clip)
     # atol: a saturated tanh's gradient (1 - tanh²) rounds differently in fp32 batches of K and of n·K rows.
     np.testing.assert_allclose(np.asarray(got_norms), norms, rtol=1e-3, atol=1e-5 * norms.max())
-    expected = [sum(f * grads[j] for f, grads in zip(factors, want)) for j in range(len(got_sum))]
-    _assert_close_per_variable(model, got_sum, expected)
+    _assert_close_per_variable(model, got_sum, _clipped_sum(factors, want))
 
 
 def test_augmult_ghost_falls_back_for_a_rule_that_does_not_group_views(caplog):
