@@ -26,6 +26,12 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax", reason="a JAX 
 KERNEL_MODE = os.environ.get("TAN_KERAS_TEST_FUSED_CONV", "interpret")
 
 
+def _on_gpu():
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
 def _conv(x, kernel, padding, dilation, strides=None):
     import jax
 
@@ -212,7 +218,8 @@ def test_fused_weight_grad_declines_layers_wider_than_256(monkeypatch):
     from tan_keras.per_example.jax.conv_grads import fused_conv_weight_grad
 
     x, g = jnp.zeros((2, 4, 4, 256), jnp.bfloat16), jnp.zeros((2, 4, 4, 256), jnp.bfloat16)
-    assert fused_conv_weight_grad(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
+    auto = fused_conv_weight_grad(x, g, (3, 3), (1, 1), "same", (1, 1))
+    assert (auto is not None) == _on_gpu()  # auto: the kernel on a GPU only
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     assert fused_conv_weight_grad(x, g, (3, 3), (1, 1), "same", (1, 1)).shape == (9 * 256, 256)
     wide = jnp.zeros((2, 4, 4, 272), jnp.bfloat16)
@@ -228,7 +235,8 @@ def test_fused_kernel_declines_what_it_does_not_cover(monkeypatch):
     from tan_keras.per_example.jax.conv_grads import fused_conv_per_example_grads
 
     x, g = jnp.zeros((2, 8, 8, 16)), jnp.zeros((2, 8, 8, 16))
-    assert fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1)) is None  # auto, on a CPU
+    auto = fused_conv_per_example_grads(x, g, (3, 3), (1, 1), "same", (1, 1))
+    assert (auto is not None) == _on_gpu()  # auto: the kernel on a GPU only
     monkeypatch.setenv("TAN_KERAS_FUSED_CONV", KERNEL_MODE)
     assert fused_conv_per_example_grads(x, g[:, ::2], (3, 3), (1, 1), "same", (1, 1)) is None  # g of another shape
     assert fused_conv_per_example_grads(x, g.astype("bfloat16"), (3, 3), (1, 1), "same", (1, 1)) is None

@@ -75,7 +75,9 @@ def test_a_few_private_steps_reduce_the_training_loss(model_fn, size):
     model.compile(optimizer=tan_keras.DPSGD(l2_norm_clip=1.0, noise_multiplier=0.05, learning_rate=1.0, seed=0),
                   loss=CE)
     before = model.evaluate(x, y, verbose=0)
-    model.fit(x, y, batch_size=32, epochs=6, verbose=0)
+    # 10 steps: the NF-ResNet's loss ratio is 0.90 after 6 (0.899 on JAX, 0.898 on TF: no margin for another
+    # CPU's rounding) and 0.79 after 10; the WRN's 0.15.
+    model.fit(x, y, batch_size=32, epochs=10, verbose=0)
     after = model.evaluate(x, y, verbose=0)
     assert after < 0.9 * before
 
